@@ -1,0 +1,112 @@
+// Cell ops: check the arguments, allocate the outputs, run the device's pointwise kernel.
+#include <ATen/ops/empty.h>
+#include <c10/core/DeviceGuard.h>
+
+#include "checks.h"
+#include "ops.h"
+#include "pointwise.h"
+
+namespace rnn_ext {
+namespace {
+
+// One forward step. `h_prev` / `c_prev` are undefined for the cells that do not read them.
+PointwiseForward run_cell_forward(const char* op, CellKind kind, const Tensor& xg,
+                                  const Tensor& hg, const OptTensor& b_ih, const OptTensor& b_hh,
+                                  const Tensor& h_prev, const Tensor& c_prev) {
+  const int64_t G = gates_per_unit(kind);
+  const int64_t H = units_of(op, xg, G);
+  const int64_t B = xg.size(0);
+  const ArgChecker check(op, xg);
+  check(hg, "hg", {B, G * H});
+  check(b_ih, "b_ih", {G * H});
+  check(b_hh, "b_hh", {G * H});
+  if (kind == CellKind::kGru) check(h_prev, "hx", {B, H});
+  if (kind == CellKind::kLstm) check(c_prev, "cx", {B, H});
+  const c10::DeviceGuard guard(xg.device());
+
+  PointwiseForward a;
+  a.xg = xg.contiguous();
+  a.hg = hg.contiguous();
+  a.b_ih = optional_contiguous(b_ih);
+  a.b_hh = optional_contiguous(b_hh);
+  if (h_prev.defined()) a.h_prev = h_prev.contiguous();
+  if (c_prev.defined()) a.c_prev = c_prev.contiguous();
+  a.h_new = at::empty({B, H}, xg.options());
+  if (kind == CellKind::kLstm) a.c_new = at::empty({B, H}, xg.options());
+  // The RNN cell's workspace is its output h_new, so it saves nothing of its own.
+  if (kind == CellKind::kLstm || kind == CellKind::kGru) {
+    a.saved = at::empty({B, saved_per_unit(kind) * H}, xg.options());
+  }
+  if (B > 0) device_kernels(xg.device().type()).forward(kind, a);
+  return a;
+}
+
+// One backward step from the gradient of h_new (and c_new) and the forward's workspace.
+PointwiseBackward run_cell_backward(const char* op, CellKind kind, const Tensor& grad_h_new,
+                                    const Tensor& grad_c_new, const Tensor& saved) {
+  const ArgChecker check(op, grad_h_new);
+  check(grad_h_new, "grad_hy", {-1, -1});
+  const int64_t B = grad_h_new.size(0), H = grad_h_new.size(1);
+  const int64_t G = gates_per_unit(kind);
+  check(saved, kind == CellKind::kRnnTanh || kind == CellKind::kRnnRelu ? "hy" : "workspace",
+        {B, saved_per_unit(kind) * H});
+  if (kind == CellKind::kLstm) check(grad_c_new, "grad_cy", {B, H});
+  const c10::DeviceGuard guard(grad_h_new.device());
+
+  PointwiseBackward a;
+  a.grad_h_new = grad_h_new.contiguous();
+  if (grad_c_new.defined()) a.grad_c_new = grad_c_new.contiguous();
+  a.saved = saved.contiguous();
+  a.grad_xg = at::empty({B, G * H}, grad_h_new.options());
+  if (kind == CellKind::kGru) {
+    a.grad_hg = at::empty({B, G * H}, grad_h_new.options());
+    a.grad_h_prev = at::empty({B, H}, grad_h_new.options());
+  }
+  if (kind == CellKind::kLstm) a.grad_c_prev = at::empty({B, H}, grad_h_new.options());
+  if (B > 0 && H > 0) device_kernels(grad_h_new.device().type()).backward(kind, a);
+  return a;
+}
+
+}  // namespace
+
+Tensor rnn_cell_forward(const Tensor& xg, const Tensor& hg, const OptTensor& b_ih,
+                        const OptTensor& b_hh, std::string_view nonlinearity) {
+  const char* op = "rnn_ext::rnn_cell_forward";
+  return run_cell_forward(op, rnn_cell_kind(op, nonlinearity), xg, hg, b_ih, b_hh, {}, {}).h_new;
+}
+
+Tensor rnn_cell_backward(const Tensor& grad_hy, const Tensor& hy, std::string_view nonlinearity) {
+  const char* op = "rnn_ext::rnn_cell_backward";
+  return run_cell_backward(op, rnn_cell_kind(op, nonlinearity), grad_hy, {}, hy).grad_xg;
+}
+
+std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward(const Tensor& xg, const Tensor& hg,
+                                                     const OptTensor& b_ih, const OptTensor& b_hh,
+                                                     const Tensor& cx) {
+  auto a = run_cell_forward("rnn_ext::lstm_cell_forward", CellKind::kLstm, xg, hg, b_ih, b_hh,
+                            {}, cx);
+  return {a.h_new, a.c_new, a.saved};
+}
+
+std::tuple<Tensor, Tensor> lstm_cell_backward(const Tensor& grad_hy, const Tensor& grad_cy,
+                                              const Tensor& workspace) {
+  auto a = run_cell_backward("rnn_ext::lstm_cell_backward", CellKind::kLstm, grad_hy, grad_cy,
+                             workspace);
+  return {a.grad_xg, a.grad_c_prev};
+}
+
+std::tuple<Tensor, Tensor> gru_cell_forward(const Tensor& xg, const Tensor& hg,
+                                            const OptTensor& b_ih, const OptTensor& b_hh,
+                                            const Tensor& hx) {
+  auto a = run_cell_forward("rnn_ext::gru_cell_forward", CellKind::kGru, xg, hg, b_ih, b_hh, hx,
+                            {});
+  return {a.h_new, a.saved};
+}
+
+std::tuple<Tensor, Tensor, Tensor> gru_cell_backward(const Tensor& grad_hy,
+                                                     const Tensor& workspace) {
+  auto a = run_cell_backward("rnn_ext::gru_cell_backward", CellKind::kGru, grad_hy, {}, workspace);
+  return {a.grad_xg, a.grad_hg, a.grad_h_prev};
+}
+
+}  // namespace rnn_ext

@@ -1,0 +1,60 @@
+// The operators of torch.ops.rnn_ext. Schemas, with every argument's shape, are in
+// registration.cpp; the cell ops live in cell_ops.cpp, the layer (recurrence) ops in
+// recurrence.cpp. B batch rows, H hidden units, G gates per unit (RNN 1, LSTM 4, GRU 3).
+#pragma once
+
+#include <optional>
+#include <string_view>
+#include <tuple>
+
+#include <ATen/core/Tensor.h>
+
+namespace rnn_ext {
+
+using at::Tensor;
+using OptTensor = std::optional<at::Tensor>;
+
+// ---- cells: one step from the two GEMM results ----
+Tensor rnn_cell_forward(const Tensor& xg, const Tensor& hg, const OptTensor& b_ih,
+                        const OptTensor& b_hh, std::string_view nonlinearity);
+Tensor rnn_cell_backward(const Tensor& grad_hy, const Tensor& hy, std::string_view nonlinearity);
+
+std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward(const Tensor& xg, const Tensor& hg,
+                                                     const OptTensor& b_ih, const OptTensor& b_hh,
+                                                     const Tensor& cx);
+std::tuple<Tensor, Tensor> lstm_cell_backward(const Tensor& grad_hy, const Tensor& grad_cy,
+                                              const Tensor& workspace);
+
+std::tuple<Tensor, Tensor> gru_cell_forward(const Tensor& xg, const Tensor& hg,
+                                            const OptTensor& b_ih, const OptTensor& b_hh,
+                                            const Tensor& hx);
+std::tuple<Tensor, Tensor, Tensor> gru_cell_backward(const Tensor& grad_hy,
+                                                     const Tensor& workspace);
+
+// ---- layers: the recurrence over a whole (packed) sequence in one direction ----
+std::tuple<Tensor, Tensor> rnn_layer_forward(const Tensor& xg, const Tensor& w_hh,
+                                             const OptTensor& b_hh, const Tensor& h0,
+                                             const Tensor& batch_sizes, bool reverse,
+                                             std::string_view nonlinearity);
+std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_backward(
+    const Tensor& grad_y, const Tensor& grad_h_n, const Tensor& w_hh, const Tensor& h0,
+    const Tensor& y, const Tensor& batch_sizes, bool reverse, std::string_view nonlinearity);
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
+    const Tensor& xg, const Tensor& w_hh, const OptTensor& b_hh, const OptTensor& w_hr,
+    const Tensor& h0, const Tensor& c0, const Tensor& batch_sizes, bool reverse,
+    bool save_workspace);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
+    const Tensor& grad_y, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& w_hh,
+    const OptTensor& w_hr, const Tensor& h0, const Tensor& y, const Tensor& workspace,
+    const Tensor& batch_sizes, bool reverse);
+
+std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(const Tensor& xg, const Tensor& w_hh,
+                                                     const OptTensor& b_hh, const Tensor& h0,
+                                                     const Tensor& batch_sizes, bool reverse,
+                                                     bool save_workspace);
+std::tuple<Tensor, Tensor, Tensor, Tensor> gru_layer_backward(
+    const Tensor& grad_y, const Tensor& grad_h_n, const Tensor& w_hh, const Tensor& h0,
+    const Tensor& y, const Tensor& workspace, const Tensor& batch_sizes, bool reverse);
+
+}  // namespace rnn_ext

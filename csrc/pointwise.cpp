@@ -1,0 +1,52 @@
+#include "pointwise.h"
+
+#include <array>
+#include <string>
+
+#include <c10/util/Exception.h>
+
+namespace rnn_ext {
+
+int64_t gates_per_unit(CellKind kind) {
+  int64_t g = 0;
+  visit_cell<float>(kind, [&](auto cell) { g = decltype(cell)::kGates; });
+  return g;
+}
+
+int64_t saved_per_unit(CellKind kind) {
+  int64_t s = 0;
+  visit_cell<float>(kind, [&](auto cell) { s = decltype(cell)::kSaved; });
+  return s;
+}
+
+CellKind rnn_cell_kind(const char* op, std::string_view nonlinearity) {
+  if (nonlinearity == "tanh") return CellKind::kRnnTanh;
+  if (nonlinearity == "relu") return CellKind::kRnnRelu;
+  TORCH_CHECK(false, op, ": unknown nonlinearity '", std::string(nonlinearity),
+              "', expected 'tanh' or 'relu'");
+}
+
+namespace {
+std::array<DeviceKernels, static_cast<size_t>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)>&
+kernel_table() {
+  static std::array<DeviceKernels,
+                    static_cast<size_t>(c10::DeviceType::COMPILE_TIME_MAX_DEVICE_TYPES)>
+      table;
+  return table;
+}
+}  // namespace
+
+bool register_device_kernels(c10::DeviceType device, DeviceKernels kernels) {
+  kernel_table()[static_cast<size_t>(device)] = kernels;
+  return true;
+}
+
+const DeviceKernels& device_kernels(c10::DeviceType device) {
+  const DeviceKernels& k = kernel_table()[static_cast<size_t>(device)];
+  TORCH_CHECK(k.forward != nullptr, "rnn_ext: this build has no kernels for device type ",
+              c10::DeviceTypeName(device),
+              " (build with CUDA to run on GPUs: see the README's build section)");
+  return k;
+}
+
+}  // namespace rnn_ext

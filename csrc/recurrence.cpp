@@ -1,0 +1,294 @@
+// Layer ops: the recurrence of one direction of one layer over a whole sequence, in C++.
+//
+// Sequences are time-major and packed: step t owns rows [offset[t], offset[t] + batch[t]) of
+// every [N, *] tensor and holds the first batch[t] sequences (longest first), as in
+// torch.nn.utils.rnn.PackedSequence. A padded [T, B] input is the case batch[t] = B.
+//
+// Forward, per step: hg = h[:bs] @ W_hhᵀ (one GEMM into a preallocated buffer), one pointwise
+// kernel updates h[:bs] (and c[:bs]) in place, y[t] = h[:bs]. Rows past bs keep their state, so
+// h ends as each sequence's final state and the reverse direction picks up h0 for sequences that
+// start late. Backward runs the steps in the opposite order with the same in-place scheme for
+// dh (and dc); after the loop, dW_hh = Σ_t dhg[t]ᵀ h_prev[t] is one GEMM over all N rows.
+#include <algorithm>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
+
+#include "checks.h"
+#include "ops.h"
+#include "pointwise.h"
+
+namespace rnn_ext {
+namespace {
+
+struct Steps {
+  std::vector<int64_t> batch;   // [T] sequences active at step t, non-increasing
+  std::vector<int64_t> offset;  // [T] first row of step t
+  int64_t count() const { return static_cast<int64_t>(batch.size()); }
+  // The step that runs i-th in the forward direction's order.
+  int64_t forward_order(int64_t i, bool reverse) const { return reverse ? count() - 1 - i : i; }
+};
+
+// batch_sizes: [T] int64 on the CPU, as in PackedSequence. `rows` is N, `batch` is B.
+Steps read_steps(const char* op, const Tensor& batch_sizes, int64_t rows, int64_t batch) {
+  TORCH_CHECK(batch_sizes.dim() == 1 && batch_sizes.scalar_type() == at::kLong &&
+                  batch_sizes.device().is_cpu(),
+              op, ": batch_sizes must be a 1-D int64 CPU tensor, got ", batch_sizes.dim(),
+              "-D ", batch_sizes.scalar_type(), " on ", batch_sizes.device());
+  TORCH_CHECK(batch_sizes.numel() > 0, op, ": the sequence must have at least one step");
+  const Tensor bs = batch_sizes.contiguous();
+  const int64_t* p = bs.const_data_ptr<int64_t>();
+  TORCH_CHECK(p[0] == batch, op, ": batch_sizes[0] is ", p[0], " but h0 holds ", batch,
+              " sequences");
+  Steps steps;
+  int64_t offset = 0;
+  for (int64_t t = 0; t < bs.numel(); ++t) {
+    TORCH_CHECK(p[t] >= 0 && p[t] <= (t ? p[t - 1] : batch), op,
+                ": batch_sizes must be non-increasing and non-negative, got ", p[t],
+                " at step ", t);
+    steps.batch.push_back(p[t]);
+    steps.offset.push_back(offset);
+    offset += p[t];
+  }
+  TORCH_CHECK(offset == rows, op, ": batch_sizes sum to ", offset, " but the sequence has ", rows,
+              " rows");
+  return steps;
+}
+
+// Shapes every layer op shares, read from w_hh [G*H, P] and h0 [B, P].
+struct LayerShape {
+  int64_t gates, hidden, out, batch;  // G, H, P (H, or proj_size), B
+};
+
+LayerShape check_layer_weights(const ArgChecker& check, CellKind kind, const Tensor& w_hh,
+                               const OptTensor& b_hh, const OptTensor& w_hr, const Tensor& h0) {
+  const int64_t G = gates_per_unit(kind);
+  check(h0, "h0", {-1, -1});
+  check(w_hh, "w_hh", {-1, h0.size(1)});
+  TORCH_CHECK(w_hh.size(0) % G == 0 && w_hh.size(0) > 0, check.op(), ": w_hh must have ", G,
+              "*H rows, got ", w_hh.size(0));
+  const LayerShape s{G, w_hh.size(0) / G, h0.size(1), h0.size(0)};
+  check(b_hh, "b_hh", {G * s.hidden});
+  if (w_hr.has_value() && w_hr->defined()) {
+    check(*w_hr, "w_hr", {s.out, s.hidden});
+  } else {
+    TORCH_CHECK(s.out == s.hidden, check.op(), ": h0 must have ", s.hidden, " columns, got ",
+                s.out);
+  }
+  return s;
+}
+
+struct LayerForward {
+  Tensor y;      // [N, P]
+  Tensor h_n;    // [B, P]
+  Tensor c_n;    // [B, H] (LSTM)
+  Tensor saved;  // [N, S*H], or [0, S*H] when not saved (the RNN's workspace is y)
+};
+
+LayerForward run_layer_forward(const char* op, CellKind kind, const Tensor& xg,
+                               const Tensor& w_hh, const OptTensor& b_hh, const OptTensor& w_hr,
+                               const Tensor& h0, const Tensor& c0, const Tensor& batch_sizes,
+                               bool reverse, bool save) {
+  const ArgChecker check(op, xg);
+  const LayerShape s = check_layer_weights(check, kind, w_hh, b_hh, w_hr, h0);
+  check(xg, "xg", {-1, s.gates * s.hidden});
+  const bool lstm = kind == CellKind::kLstm;
+  if (lstm) check(c0, "c0", {s.batch, s.hidden});
+  const Steps steps = read_steps(op, batch_sizes, xg.size(0), s.batch);
+  const c10::DeviceGuard guard(xg.device());
+  const auto& kernels = device_kernels(xg.device().type());
+  const auto opts = xg.options();
+  const bool proj = w_hr.has_value() && w_hr->defined();
+
+  const Tensor x = xg.contiguous();
+  const Tensor w_hh_t = w_hh.t();
+  const Tensor w_hr_t = proj ? w_hr->t() : Tensor();
+  const Tensor bias = optional_contiguous(b_hh);
+  const bool saves = save && kind != CellKind::kRnnTanh && kind != CellKind::kRnnRelu;
+  const int64_t S = saved_per_unit(kind);
+
+  LayerForward out;
+  out.y = at::empty({x.size(0), s.out}, opts);
+  out.h_n = h0.clone(at::MemoryFormat::Contiguous);
+  if (lstm) out.c_n = c0.clone(at::MemoryFormat::Contiguous);
+  out.saved = at::empty({saves ? x.size(0) : 0, S * s.hidden}, opts);
+  const Tensor hg = at::empty({s.batch, s.gates * s.hidden}, opts);
+  const Tensor r = proj ? at::empty({s.batch, s.hidden}, opts) : Tensor();
+
+  for (int64_t i = 0; i < steps.count(); ++i) {
+    const int64_t t = steps.forward_order(i, reverse);
+    const int64_t bs = steps.batch[t], off = steps.offset[t];
+    if (bs == 0) continue;
+    Tensor h = out.h_n.narrow(0, 0, bs);
+    PointwiseForward a;
+    a.xg = x.narrow(0, off, bs);
+    a.hg = hg.narrow(0, 0, bs);
+    at::mm_out(a.hg, h, w_hh_t);
+    a.b_hh = bias;
+    a.h_prev = h;
+    if (lstm) a.c_prev = a.c_new = out.c_n.narrow(0, 0, bs);
+    a.h_new = proj ? r.narrow(0, 0, bs) : h;
+    if (saves) a.saved = out.saved.narrow(0, off, bs);
+    kernels.forward(kind, a);
+    if (proj) at::mm_out(h, a.h_new, w_hr_t);
+    out.y.narrow(0, off, bs).copy_(h);
+  }
+  return out;
+}
+
+// [N, P]: the state each row's step started from (y of the step before it, or h0).
+Tensor previous_states(const Tensor& y, const Tensor& h0, const Steps& steps, bool reverse) {
+  Tensor prev = at::empty_like(y);
+  for (int64_t t = 0; t < steps.count(); ++t) {
+    const int64_t bs = steps.batch[t], off = steps.offset[t];
+    const int64_t before = reverse ? t + 1 : t - 1;
+    const bool has_before = before >= 0 && before < steps.count();
+    const int64_t carried = has_before ? std::min(bs, steps.batch[before]) : 0;
+    if (carried > 0) {
+      prev.narrow(0, off, carried).copy_(y.narrow(0, steps.offset[before], carried));
+    }
+    if (carried < bs) {
+      prev.narrow(0, off + carried, bs - carried).copy_(h0.narrow(0, carried, bs - carried));
+    }
+  }
+  return prev;
+}
+
+struct LayerBackward {
+  Tensor grad_xg;    // [N, G*H]
+  Tensor grad_w_hh;  // [G*H, P]
+  Tensor grad_b_hh;  // [G*H]
+  Tensor grad_h0;    // [B, P]
+  Tensor grad_c0;    // [B, H] (LSTM)
+  Tensor grad_w_hr;  // [P, H] (LSTM with projection), else [0]
+};
+
+LayerBackward run_layer_backward(const char* op, CellKind kind, const Tensor& grad_y,
+                                 const Tensor& grad_h_n, const Tensor& grad_c_n,
+                                 const Tensor& w_hh, const OptTensor& w_hr, const Tensor& h0,
+                                 const Tensor& y, const Tensor& saved_in,
+                                 const Tensor& batch_sizes, bool reverse) {
+  const ArgChecker check(op, grad_y);
+  const LayerShape s = check_layer_weights(check, kind, w_hh, {}, w_hr, h0);
+  const bool lstm = kind == CellKind::kLstm, gru = kind == CellKind::kGru;
+  const bool rnn = !lstm && !gru;
+  check(y, "y", {-1, s.out});
+  const int64_t N = y.size(0);
+  check(grad_y, "grad_y", {N, s.out});
+  check(grad_h_n, "grad_h_n", {s.batch, s.out});
+  if (lstm) check(grad_c_n, "grad_c_n", {s.batch, s.hidden});
+  if (!rnn) check(saved_in, "workspace", {N, saved_per_unit(kind) * s.hidden});
+  const Steps steps = read_steps(op, batch_sizes, N, s.batch);
+  const c10::DeviceGuard guard(grad_y.device());
+  const auto& kernels = device_kernels(grad_y.device().type());
+  const auto opts = grad_y.options();
+  const bool proj = w_hr.has_value() && w_hr->defined();
+
+  const Tensor saved = rnn ? y.contiguous() : saved_in.contiguous();
+  const Tensor gy = grad_y.contiguous();
+  LayerBackward out;
+  out.grad_h0 = grad_h_n.clone(at::MemoryFormat::Contiguous);  // running dh, in place
+  if (lstm) out.grad_c0 = grad_c_n.clone(at::MemoryFormat::Contiguous);
+  out.grad_xg = at::empty({N, s.gates * s.hidden}, opts);
+  const Tensor grad_hg = gru ? at::empty({N, s.gates * s.hidden}, opts) : out.grad_xg;
+  const Tensor dh_all = proj ? at::empty({N, s.out}, opts) : Tensor();
+  const Tensor dr = proj ? at::empty({s.batch, s.hidden}, opts) : Tensor();
+
+  for (int64_t i = steps.count() - 1; i >= 0; --i) {
+    const int64_t t = steps.forward_order(i, reverse);
+    const int64_t bs = steps.batch[t], off = steps.offset[t];
+    if (bs == 0) continue;
+    const Tensor dh = out.grad_h0.narrow(0, 0, bs);
+    dh.add_(gy.narrow(0, off, bs));
+    PointwiseBackward a;
+    a.grad_h_new = dh;
+    if (proj) {
+      dh_all.narrow(0, off, bs).copy_(dh);
+      a.grad_h_new = dr.narrow(0, 0, bs);
+      at::mm_out(a.grad_h_new, dh, *w_hr);
+    }
+    if (lstm) a.grad_c_new = a.grad_c_prev = out.grad_c0.narrow(0, 0, bs);
+    a.saved = saved.narrow(0, off, bs);
+    a.grad_xg = out.grad_xg.narrow(0, off, bs);
+    if (gru) {
+      a.grad_hg = grad_hg.narrow(0, off, bs);
+      a.grad_h_prev = dh;
+    }
+    kernels.backward(kind, a);
+    // dh_prev = (GRU: z dh) + dhg @ W_hh; beta 0 discards dh's old contents otherwise.
+    dh.addmm_(grad_hg.narrow(0, off, bs), w_hh, gru ? 1 : 0, 1);
+  }
+
+  out.grad_w_hh = grad_hg.t().mm(previous_states(y, h0, steps, reverse));
+  out.grad_b_hh = grad_hg.sum(0);
+  if (proj) {
+    // The projection's input o ⊙ tanh(c'), recomputed from the workspace (i, f, g, o, c).
+    const int64_t H = s.hidden;
+    const Tensor w = saved_in;
+    const Tensor c_new = w.narrow(1, H, H) * w.narrow(1, 4 * H, H) + w.narrow(1, 0, H) * w.narrow(1, 2 * H, H);
+    out.grad_w_hr = dh_all.t().mm(w.narrow(1, 3 * H, H) * at::tanh(c_new));
+  } else {
+    out.grad_w_hr = at::empty({0}, opts);
+  }
+  if (!lstm) out.grad_c0 = Tensor();
+  return out;
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> rnn_layer_forward(const Tensor& xg, const Tensor& w_hh,
+                                             const OptTensor& b_hh, const Tensor& h0,
+                                             const Tensor& batch_sizes, bool reverse,
+                                             std::string_view nonlinearity) {
+  const char* op = "rnn_ext::rnn_layer_forward";
+  auto r = run_layer_forward(op, rnn_cell_kind(op, nonlinearity), xg, w_hh, b_hh, {}, h0, {},
+                             batch_sizes, reverse, false);
+  return {r.y, r.h_n};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_backward(
+    const Tensor& grad_y, const Tensor& grad_h_n, const Tensor& w_hh, const Tensor& h0,
+    const Tensor& y, const Tensor& batch_sizes, bool reverse, std::string_view nonlinearity) {
+  const char* op = "rnn_ext::rnn_layer_backward";
+  auto r = run_layer_backward(op, rnn_cell_kind(op, nonlinearity), grad_y, grad_h_n, {}, w_hh, {}, h0,
+                              y, {}, batch_sizes, reverse);
+  return {r.grad_xg, r.grad_w_hh, r.grad_b_hh, r.grad_h0};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
+    const Tensor& xg, const Tensor& w_hh, const OptTensor& b_hh, const OptTensor& w_hr,
+    const Tensor& h0, const Tensor& c0, const Tensor& batch_sizes, bool reverse,
+    bool save_workspace) {
+  auto r = run_layer_forward("rnn_ext::lstm_layer_forward", CellKind::kLstm, xg, w_hh, b_hh, w_hr,
+                             h0, c0, batch_sizes, reverse, save_workspace);
+  return {r.y, r.h_n, r.c_n, r.saved};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
+    const Tensor& grad_y, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& w_hh,
+    const OptTensor& w_hr, const Tensor& h0, const Tensor& y, const Tensor& workspace,
+    const Tensor& batch_sizes, bool reverse) {
+  auto r = run_layer_backward("rnn_ext::lstm_layer_backward", CellKind::kLstm, grad_y, grad_h_n,
+                              grad_c_n, w_hh, w_hr, h0, y, workspace, batch_sizes, reverse);
+  return {r.grad_xg, r.grad_w_hh, r.grad_b_hh, r.grad_h0, r.grad_c0, r.grad_w_hr};
+}
+
+std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(const Tensor& xg, const Tensor& w_hh,
+                                                     const OptTensor& b_hh, const Tensor& h0,
+                                                     const Tensor& batch_sizes, bool reverse,
+                                                     bool save_workspace) {
+  auto r = run_layer_forward("rnn_ext::gru_layer_forward", CellKind::kGru, xg, w_hh, b_hh, {}, h0,
+                             {}, batch_sizes, reverse, save_workspace);
+  return {r.y, r.h_n, r.saved};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> gru_layer_backward(
+    const Tensor& grad_y, const Tensor& grad_h_n, const Tensor& w_hh, const Tensor& h0,
+    const Tensor& y, const Tensor& workspace, const Tensor& batch_sizes, bool reverse) {
+  auto r = run_layer_backward("rnn_ext::gru_layer_backward", CellKind::kGru, grad_y, grad_h_n, {},
+                              w_hh, {}, h0, y, workspace, batch_sizes, reverse);
+  return {r.grad_xg, r.grad_w_hh, r.grad_b_hh, r.grad_h0};
+}
+
+}  // namespace rnn_ext

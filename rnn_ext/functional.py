@@ -1,0 +1,116 @@
+"""The functional API. Each function picks the backend (see _backend.py) and nothing else does.
+
+Cells take torch's arguments (input, hx, w_ih, w_hh, b_ih, b_hh): input [B, I], hx [B, H]
+(LSTM: a pair (h, c)). The input projection and the hidden projection are two GEMMs in ATen
+(their backward is autograd's); the fused op does everything after them.
+
+`recurrent_layer` runs one direction of one layer over a time-major packed sequence, and `rnn`
+is the multi-layer, bidirectional stack that the modules call.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import reference
+from ._backend import uses_kernels
+
+_ops = torch.ops.rnn_ext
+
+
+def _cell_projections(input: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor) -> tuple[Tensor, Tensor]:
+    return F.linear(input, w_ih), F.linear(h, w_hh)
+
+
+def rnn_tanh_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor,
+                  b_ih: Tensor | None = None, b_hh: Tensor | None = None) -> Tensor:
+    """h' = tanh(W_ih x + b_ih + W_hh h + b_hh); returns h' [B, H]."""
+    if not uses_kernels(input):
+        return reference.rnn_tanh_cell(input, hx, w_ih, w_hh, b_ih, b_hh)
+    return _ops.rnn_cell_forward(*_cell_projections(input, hx, w_ih, w_hh), b_ih, b_hh, "tanh")
+
+
+def rnn_relu_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor,
+                  b_ih: Tensor | None = None, b_hh: Tensor | None = None) -> Tensor:
+    """h' = relu(W_ih x + b_ih + W_hh h + b_hh); returns h' [B, H]."""
+    if not uses_kernels(input):
+        return reference.rnn_relu_cell(input, hx, w_ih, w_hh, b_ih, b_hh)
+    return _ops.rnn_cell_forward(*_cell_projections(input, hx, w_ih, w_hh), b_ih, b_hh, "relu")
+
+
+def lstm_cell(input: Tensor, hx: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor,
+              b_ih: Tensor | None = None, b_hh: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """One LSTM step; hx = (h [B, H], c [B, H]); returns (h', c')."""
+    if not uses_kernels(input):
+        return reference.lstm_cell(input, hx, w_ih, w_hh, b_ih, b_hh)
+    xg, hg = _cell_projections(input, hx[0], w_ih, w_hh)
+    hy, cy, _ = _ops.lstm_cell_forward(xg, hg, b_ih, b_hh, hx[1])
+    return hy, cy
+
+
+def gru_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor,
+             b_ih: Tensor | None = None, b_hh: Tensor | None = None) -> Tensor:
+    """One GRU step; returns h' [B, H]."""
+    if not uses_kernels(input):
+        return reference.gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh)
+    xg, hg = _cell_projections(input, hx, w_ih, w_hh)
+    return _ops.gru_cell_forward(xg, hg, b_ih, b_hh, hx)[0]
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def recurrent_layer(mode: str, x: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Tensor | None,
+                    w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
+                    w_hr: Tensor | None = None, reverse: bool = False
+                    ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """One direction of one layer. mode: 'RNN_TANH', 'RNN_RELU', 'LSTM' or 'GRU'.
+
+    x: [N, I] time-major packed rows; batch_sizes: [T] int64 CPU; h0: [B, P]; c0: [B, H] (LSTM);
+    w_ih: [G*H, I]; w_hh: [G*H, P]; b_ih, b_hh: [G*H] or None; w_hr: [P, H] or None.
+    Returns y [N, P], h_n [B, P], c_n [B, H] (LSTM, else None)."""
+    xg = F.linear(x, w_ih, b_ih)  # every step's input projection in one GEMM
+    if not uses_kernels(xg):
+        return reference.layer_recurrence(mode, xg, w_hh, b_hh, w_hr, h0, c0, batch_sizes, reverse)
+    save = _needs_grad(xg, w_hh, b_hh, w_hr, h0, c0)
+    if mode == "LSTM":
+        y, h_n, c_n, _ = _ops.lstm_layer_forward(xg, w_hh, b_hh, w_hr, h0, c0, batch_sizes,
+                                                 reverse, save)
+        return y, h_n, c_n
+    if mode == "GRU":
+        y, h_n, _ = _ops.gru_layer_forward(xg, w_hh, b_hh, h0, batch_sizes, reverse, save)
+        return y, h_n, None
+    nonlinearity = {"RNN_TANH": "tanh", "RNN_RELU": "relu"}[mode]
+    y, h_n = _ops.rnn_layer_forward(xg, w_hh, b_hh, h0, batch_sizes, reverse, nonlinearity)
+    return y, h_n, None
+
+
+def rnn(mode: str, x: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Tensor | None,
+        weights: list[list[Tensor | None]], num_layers: int, bidirectional: bool,
+        dropout: float = 0.0, training: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The stack of layers and directions over a time-major packed sequence.
+
+    x: [N, I]; h0: [L*D, B, P]; c0: [L*D, B, H] (LSTM); weights[layer*D + direction] =
+    [w_ih, w_hh, b_ih, b_hh, w_hr] (None where absent). Dropout applies to every layer's output
+    but the last, in training only. Returns y [N, D*P], h_n [L*D, B, P], c_n [L*D, B, H]."""
+    directions = 2 if bidirectional else 1
+    h_n, c_n = [], []
+    layer_input = x
+    for layer in range(num_layers):
+        outputs = []
+        for direction in range(directions):
+            k = layer * directions + direction
+            w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
+            y, h, c = recurrent_layer(mode, layer_input, batch_sizes, h0[k],
+                                      None if c0 is None else c0[k], w_ih, w_hh, b_ih, b_hh,
+                                      w_hr, reverse=direction == 1)
+            outputs.append(y)
+            h_n.append(h)
+            c_n.append(c)
+        layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=1)
+        if dropout > 0 and training and layer < num_layers - 1:
+            layer_input = F.dropout(layer_input, p=dropout, training=True)
+    return layer_input, torch.stack(h_n), (torch.stack(c_n) if c0 is not None else None)
