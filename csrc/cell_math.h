@@ -67,8 +67,9 @@ RNN_EXT_HD T sigmoid_fn(T x) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Each cell: G gates per unit, S saved values per unit, and whether its hidden-side
-// pre-activations need a gradient of their own (GRU) or share the input side's (RNN, LSTM).
+// Each cell: G gates per unit, S saved values per unit, whether its hidden-side pre-activations
+// need a gradient of their own (GRU) or share the input side's (RNN, LSTM), whether it reads
+// h_prev in the pointwise step (GRU), and whether it has a cell state (LSTM).
 //   forward(x[G], h[G], h_prev, c_prev) -> h_new, c_new, saved[S]
 //   backward(dh_new, dc_new, saved[S]) -> dx[G], dh[G] (GRU), dh_prev (direct path), dc_prev
 // ---------------------------------------------------------------------------------------------
@@ -79,6 +80,8 @@ struct RnnCellMath {
   static constexpr int kGates = 1;
   static constexpr int kSaved = 1;
   static constexpr bool kSeparateHiddenGrad = false;
+  static constexpr bool kReadsPrevHidden = false;
+  static constexpr bool kHasCellState = false;
 
   RNN_EXT_HD static void forward(const T* x, const T* h, T /*h_prev*/, T /*c_prev*/, T& h_new,
                                  T& /*c_new*/, T* saved) {
@@ -102,6 +105,8 @@ struct LstmCellMath {
   static constexpr int kGates = 4;
   static constexpr int kSaved = 5;
   static constexpr bool kSeparateHiddenGrad = false;
+  static constexpr bool kReadsPrevHidden = false;
+  static constexpr bool kHasCellState = true;
 
   RNN_EXT_HD static void forward(const T* x, const T* h, T /*h_prev*/, T c_prev, T& h_new,
                                  T& c_new, T* saved) {
@@ -139,6 +144,8 @@ struct GruCellMath {
   static constexpr int kGates = 3;
   static constexpr int kSaved = 5;
   static constexpr bool kSeparateHiddenGrad = true;
+  static constexpr bool kReadsPrevHidden = true;
+  static constexpr bool kHasCellState = false;
 
   RNN_EXT_HD static void forward(const T* x, const T* h, T h_prev, T /*c_prev*/, T& h_new,
                                  T& /*c_new*/, T* saved) {
@@ -171,7 +178,8 @@ struct GruCellMath {
 
 // ---------------------------------------------------------------------------------------------
 // One unit's load -> math -> store, shared by the CPU loop and the CUDA kernel.
-// Row-major, contiguous: row b of a [B, K*H] tensor starts at b*K*H. Optional pointers are null.
+// Row-major, contiguous: row b of a [B, K*H] tensor starts at b*K*H. Pointers a cell does not
+// use may be null (see each field); biases and `saved` are optional for every cell.
 // Outputs may alias inputs of the same shape (in-place state update): each unit reads all of
 // its inputs before it writes.
 // ---------------------------------------------------------------------------------------------
@@ -202,29 +210,43 @@ struct BackwardPointers {
   int64_t hidden;              // H
 };
 
-template <typename Cell, typename acc_t, typename scalar_t>
+// Which optional forward arguments are present: known at compile time (the CPU instantiates
+// every combination, so its loops have no branches and vectorise), or read from the pointers
+// at run time (CUDA, where a uniform branch costs nothing).
+enum ForwardArgs : int {
+  kBiasIh = 1,
+  kBiasHh = 2,
+  kSaves = 4,
+  kArgsAtRunTime = 8,
+};
+
+template <typename Cell, typename acc_t, int kArgs = kArgsAtRunTime, typename scalar_t>
 RNN_EXT_HD void forward_unit(const ForwardPointers<scalar_t>& p, int64_t b, int64_t j) {
   constexpr int G = Cell::kGates;
   constexpr int S = Cell::kSaved;
+  constexpr bool kRunTime = (kArgs & kArgsAtRunTime) != 0;
+  const bool has_b_ih = kRunTime ? p.b_ih != nullptr : (kArgs & kBiasIh) != 0;
+  const bool has_b_hh = kRunTime ? p.b_hh != nullptr : (kArgs & kBiasHh) != 0;
+  const bool saves = kRunTime ? p.saved != nullptr : (kArgs & kSaves) != 0;
   const int64_t H = p.hidden;
   const int64_t row = b * G * H + j;
   acc_t x[G], h[G], saved[S];
-RNN_EXT_UNROLL
+  RNN_EXT_UNROLL
   for (int g = 0; g < G; ++g) {
     x[g] = static_cast<acc_t>(p.xg[row + g * H]);
     h[g] = static_cast<acc_t>(p.hg[row + g * H]);
-    if (p.b_ih) x[g] += static_cast<acc_t>(p.b_ih[g * H + j]);
-    if (p.b_hh) h[g] += static_cast<acc_t>(p.b_hh[g * H + j]);
+    if (has_b_ih) x[g] += static_cast<acc_t>(p.b_ih[g * H + j]);
+    if (has_b_hh) h[g] += static_cast<acc_t>(p.b_hh[g * H + j]);
   }
   const int64_t unit = b * H + j;
-  const acc_t h_prev = p.h_prev ? static_cast<acc_t>(p.h_prev[unit]) : acc_t(0);
-  const acc_t c_prev = p.c_prev ? static_cast<acc_t>(p.c_prev[unit]) : acc_t(0);
+  const acc_t h_prev = Cell::kReadsPrevHidden ? static_cast<acc_t>(p.h_prev[unit]) : acc_t(0);
+  const acc_t c_prev = Cell::kHasCellState ? static_cast<acc_t>(p.c_prev[unit]) : acc_t(0);
   acc_t h_new, c_new = acc_t(0);
   Cell::forward(x, h, h_prev, c_prev, h_new, c_new, saved);
   p.h_new[unit] = static_cast<scalar_t>(h_new);
-  if (p.c_new) p.c_new[unit] = static_cast<scalar_t>(c_new);
-  if (p.saved) {
-RNN_EXT_UNROLL
+  if (Cell::kHasCellState) p.c_new[unit] = static_cast<scalar_t>(c_new);
+  if (saves) {
+    RNN_EXT_UNROLL
     for (int s = 0; s < S; ++s) p.saved[b * S * H + s * H + j] = static_cast<scalar_t>(saved[s]);
   }
 }
@@ -239,7 +261,7 @@ RNN_EXT_HD void backward_unit(const BackwardPointers<scalar_t>& p, int64_t b, in
 RNN_EXT_UNROLL
   for (int s = 0; s < S; ++s) saved[s] = static_cast<acc_t>(p.saved[b * S * H + s * H + j]);
   const acc_t dh_new = static_cast<acc_t>(p.grad_h_new[unit]);
-  const acc_t dc_new = p.grad_c_new ? static_cast<acc_t>(p.grad_c_new[unit]) : acc_t(0);
+  const acc_t dc_new = Cell::kHasCellState ? static_cast<acc_t>(p.grad_c_new[unit]) : acc_t(0);
   acc_t dh_prev = acc_t(0), dc_prev = acc_t(0);
   Cell::backward(dh_new, dc_new, saved, dx, dh, dh_prev, dc_prev);
   const int64_t row = b * G * H + j;
@@ -248,8 +270,8 @@ RNN_EXT_UNROLL
     p.grad_xg[row + g * H] = static_cast<scalar_t>(dx[g]);
     if (Cell::kSeparateHiddenGrad) p.grad_hg[row + g * H] = static_cast<scalar_t>(dh[g]);
   }
-  if (p.grad_h_prev) p.grad_h_prev[unit] = static_cast<scalar_t>(dh_prev);
-  if (p.grad_c_prev) p.grad_c_prev[unit] = static_cast<scalar_t>(dc_prev);
+  if (Cell::kSeparateHiddenGrad) p.grad_h_prev[unit] = static_cast<scalar_t>(dh_prev);
+  if (Cell::kHasCellState) p.grad_c_prev[unit] = static_cast<scalar_t>(dc_prev);
 }
 
 }  // namespace rnn_ext

@@ -16,11 +16,27 @@ int64_t grain_rows(int64_t values_per_row) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, values_per_row));
 }
 
-template <typename Cell, typename acc_t, typename scalar_t>
+template <typename Cell, typename acc_t, int kArgs, typename scalar_t>
 void forward_rows(const ForwardPointers<scalar_t> p, int64_t begin, int64_t end) {
   for (int64_t b = begin; b < end; ++b) {
 #pragma GCC ivdep
-    for (int64_t j = 0; j < p.hidden; ++j) forward_unit<Cell, acc_t>(p, b, j);
+    for (int64_t j = 0; j < p.hidden; ++j) forward_unit<Cell, acc_t, kArgs>(p, b, j);
+  }
+}
+
+// forward_rows instantiated for the optional arguments present in `p`.
+template <typename Cell, typename acc_t, typename scalar_t>
+void forward_rows_for(const ForwardPointers<scalar_t>& p, int64_t begin, int64_t end) {
+  const int args = (p.b_ih ? kBiasIh : 0) | (p.b_hh ? kBiasHh : 0) | (p.saved ? kSaves : 0);
+  switch (args) {
+    case 0: return forward_rows<Cell, acc_t, 0>(p, begin, end);
+    case kBiasIh: return forward_rows<Cell, acc_t, kBiasIh>(p, begin, end);
+    case kBiasHh: return forward_rows<Cell, acc_t, kBiasHh>(p, begin, end);
+    case kBiasIh | kBiasHh: return forward_rows<Cell, acc_t, kBiasIh | kBiasHh>(p, begin, end);
+    case kSaves: return forward_rows<Cell, acc_t, kSaves>(p, begin, end);
+    case kSaves | kBiasIh: return forward_rows<Cell, acc_t, kSaves | kBiasIh>(p, begin, end);
+    case kSaves | kBiasHh: return forward_rows<Cell, acc_t, kSaves | kBiasHh>(p, begin, end);
+    default: return forward_rows<Cell, acc_t, kSaves | kBiasIh | kBiasHh>(p, begin, end);
   }
 }
 
@@ -39,7 +55,7 @@ void forward_cpu(CellKind kind, const PointwiseForward& a) {
     visit_cell<acc_t>(kind, [&](auto cell) {
       using Cell = decltype(cell);
       at::parallel_for(0, a.h_new.size(0), grain_rows(Cell::kGates * p.hidden),
-                       [&](int64_t begin, int64_t end) { forward_rows<Cell, acc_t>(p, begin, end); });
+                       [&](int64_t begin, int64_t end) { forward_rows_for<Cell, acc_t>(p, begin, end); });
     });
   });
 }

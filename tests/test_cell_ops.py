@@ -1,0 +1,472 @@
+"""The raw cell ops torch.ops.rnn_ext.{rnn,lstm,gru}_cell_{forward,backward}.
+
+Ground truth: rnn_ext.reference's *_cell_step (plain PyTorch), gradcheck/gradgradcheck in float64
+and torch.library.opcheck. Shapes as documented in csrc/registration.cpp.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.library import opcheck
+
+from rnn_ext import reference
+
+pytestmark = pytest.mark.usefixtures("extension")
+
+ops = torch.ops.rnn_ext
+
+GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
+KINDS = list(GATES)
+SHAPES = [(3, 4), (1, 7), (4, 33), (0, 5)]  # (B, H): small, B=1 with odd H, odd H, zero batch
+TOL = {torch.float64: dict(atol=1e-12, rtol=0), torch.float32: dict(atol=1e-5, rtol=1e-5)}
+
+
+def _randn(gen, shape, dtype, device, requires_grad=False):
+    t = torch.randn(shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+    return t.requires_grad_(requires_grad)
+
+
+def make_inputs(kind, B, H, dtype=torch.float64, device="cpu", bias=True, requires_grad=False,
+                seed=0):
+    """The forward op's arguments: (xg, hg, b_ih, b_hh, nonlinearity | cx | hx)."""
+    gen = torch.Generator().manual_seed(seed)
+    gh = GATES[kind] * H
+    rnd = lambda *shape: _randn(gen, shape, dtype, device, requires_grad)  # noqa: E731
+    xg, hg = rnd(B, gh), rnd(B, gh)
+    b_ih, b_hh = (rnd(gh), rnd(gh)) if bias else (None, None)
+    last = kind[len("rnn_"):] if kind.startswith("rnn") else rnd(B, H)
+    return (xg, hg, b_ih, b_hh, last)
+
+
+def forward_op(kind):
+    if kind.startswith("rnn"):
+        return ops.rnn_cell_forward
+    return ops.lstm_cell_forward if kind == "lstm" else ops.gru_cell_forward
+
+
+def run_op(kind, args):
+    """The op's state outputs, without the workspace: (hy,), (hy, cy) or (hy,)."""
+    out = forward_op(kind)(*args)
+    if kind.startswith("rnn"):
+        return (out,)
+    return tuple(out[:2]) if kind == "lstm" else (out[0],)
+
+
+def run_reference(kind, args):
+    if kind.startswith("rnn"):
+        return (reference.rnn_cell_step(*args),)
+    if kind == "lstm":
+        return tuple(reference.lstm_cell_step(*args))
+    return (reference.gru_cell_step(*args),)
+
+
+def cast(args, dtype):
+    return tuple(a.detach().to(dtype) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def tensors(args):
+    return [a for a in args if isinstance(a, torch.Tensor)]
+
+
+# ------------------------------------------------------------------------------------ forward
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}H{s[1]}")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_forward_matches_reference(device, kind, dtype, shape, bias):
+    B, H = shape
+    args = make_inputs(kind, B, H, dtype, device, bias, seed=B * 100 + H)
+    out = run_op(kind, args)
+    expected = run_reference(kind, args)
+    assert len(out) == len(expected)
+    for o, e in zip(out, expected):
+        assert o.shape == (B, H) and o.dtype == dtype and o.device.type == device
+        torch.testing.assert_close(o, e, **TOL[dtype])
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_forward_workspace_shape(device, kind):
+    B, H = 3, 7
+    args = make_inputs(kind, B, H, torch.float32, device)
+    workspace = forward_op(kind)(*args)[-1]
+    assert workspace.shape == (B, 5 * H)
+    assert workspace.dtype == torch.float32 and workspace.device.type == device
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}H{s[1]}")
+@pytest.mark.parametrize("kind", KINDS)
+def test_forward_bfloat16(device, kind, shape, bias):
+    B, H = shape
+    args = make_inputs(kind, B, H, torch.bfloat16, device, bias, seed=7)
+    out = run_op(kind, args)
+    # the float32 reference on the very same (bf16-rounded) values
+    expected = run_reference(kind, cast(args, torch.float32))
+    for o, e in zip(out, expected):
+        assert o.dtype == torch.bfloat16 and o.shape == (B, H)
+        torch.testing.assert_close(o.float(), e, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_forward_large_magnitudes_saturate(device, kind):
+    """Pre-activations far outside the usual range: no NaN/inf, reference values."""
+    args = make_inputs(kind, 4, 6, torch.float32, device, seed=3)
+    args = tuple(a * 60 if isinstance(a, torch.Tensor) else a for a in args)
+    for o, e in zip(run_op(kind, args), run_reference(kind, args)):
+        assert torch.isfinite(o).all()
+        torch.testing.assert_close(o, e, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- autograd
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradcheck(device, kind, bias):
+    args = make_inputs(kind, 3, 4, torch.float64, device, bias, requires_grad=True, seed=11)
+    assert torch.autograd.gradcheck(lambda *a: run_op(kind, a), args)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradgradcheck(device, kind, bias):
+    args = make_inputs(kind, 3, 4, torch.float64, device, bias, requires_grad=True, seed=12)
+    assert torch.autograd.gradgradcheck(lambda *a: run_op(kind, a), args)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
+def test_gradgradcheck_partial_requires_grad(device, kind):
+    """Double backward when only some inputs require grad (xg and the state / xg only)."""
+    args = make_inputs(kind, 3, 4, torch.float64, device, seed=13)
+    for i in ([0, 4] if not kind.startswith("rnn") else [0]):
+        args[i].requires_grad_(True)
+    assert torch.autograd.gradgradcheck(lambda *a: run_op(kind, a), args)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_autograd_float32_matches_reference(device, kind):
+    """First-order gradients of every input, float32, through a sum loss (whose gradient
+    reaches the op as an expanded, stride-0 tensor)."""
+    args = make_inputs(kind, 5, 33, torch.float32, device, requires_grad=True, seed=5)
+    ref_args = tuple(a.detach().clone().requires_grad_(True) if isinstance(a, torch.Tensor)
+                     else a for a in args)
+    got = torch.autograd.grad(sum(o.sum() for o in run_op(kind, args)), tensors(args))
+    want = torch.autograd.grad(sum(o.sum() for o in run_reference(kind, ref_args)),
+                               tensors(ref_args))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_autograd_zero_batch(device, kind):
+    args = make_inputs(kind, 0, 5, torch.float64, device, requires_grad=True)
+    grads = torch.autograd.grad(sum(o.sum() for o in run_op(kind, args)), tensors(args))
+    for g, a in zip(grads, tensors(args)):
+        assert g.shape == a.shape
+        assert (g == 0).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_autograd_only_state_requires_grad(device, kind):
+    """Gradients reach the one input that requires them; the others get none."""
+    args = make_inputs(kind, 3, 4, torch.float64, device, seed=21)
+    target = 1 if kind.startswith("rnn") else 4  # hg, or cx / hx
+    args[target].requires_grad_(True)
+    out = run_op(kind, args)
+    (got,) = torch.autograd.grad(out[0].sum(), args[target])
+    ref_args = list(args)
+    ref_args[target] = args[target].detach().clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(run_reference(kind, ref_args)[0].sum(), ref_args[target])
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
+# ------------------------------------------------------------------------------------ opcheck
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_opcheck_forward(device, kind, bias, requires_grad):
+    args = make_inputs(kind, 3, 4, torch.float64, device, bias, requires_grad, seed=31)
+    opcheck(forward_op(kind), args)
+
+
+def backward_op_args(kind, B=3, H=4, dtype=torch.float64, device="cpu", bias=True, seed=41):
+    """(forward args, backward op args): the saved tensor comes from a real forward call."""
+    args = make_inputs(kind, B, H, dtype, device, bias, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    grad_hy = _randn(gen, (B, H), dtype, device)
+    if kind.startswith("rnn"):
+        return args, (grad_hy, ops.rnn_cell_forward(*args), args[4])
+    if kind == "lstm":
+        grad_cy = _randn(gen, (B, H), dtype, device)
+        return args, (grad_hy, grad_cy, ops.lstm_cell_forward(*args)[2])
+    return args, (grad_hy, ops.gru_cell_forward(*args)[1])
+
+
+def as_tuple(out):
+    return (out,) if isinstance(out, torch.Tensor) else tuple(out)
+
+
+def reference_backward(kind, fargs, bargs, dtype):
+    """Autograd through the reference, in `dtype`, for the backward op's outputs:
+    rnn (d xg,), lstm (d xg, d cx), gru (d xg, d hg, d hx); also d hg for rnn / lstm."""
+    ref_args = tuple(a.detach().to(dtype).requires_grad_(True) if isinstance(a, torch.Tensor)
+                     else a for a in fargs)
+    outs = run_reference(kind, ref_args)
+    grads = [g.to(dtype) for g in (bargs[:2] if kind == "lstm" else bargs[:1])]
+    wrt = [ref_args[0], ref_args[1]] + ([] if kind.startswith("rnn") else [ref_args[4]])
+    d = torch.autograd.grad(outs, wrt, grads)
+    if kind.startswith("rnn"):
+        return (d[0],), d[1]
+    if kind == "lstm":
+        return (d[0], d[2]), d[1]
+    return tuple(d), None
+
+
+def backward_op(kind):
+    if kind.startswith("rnn"):
+        return ops.rnn_cell_backward
+    return ops.lstm_cell_backward if kind == "lstm" else ops.gru_cell_backward
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_opcheck_backward(device, kind):
+    _, bargs = backward_op_args(kind, device=device)
+    opcheck(backward_op(kind), bargs)
+
+
+# ------------------------------------------------------------------- backward ops, called directly
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}H{s[1]}")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_backward_op_matches_reference_autograd(device, kind, dtype, shape, bias):
+    B, H = shape
+    fargs, bargs = backward_op_args(kind, B, H, dtype, device, bias, seed=51 + H)
+    got = as_tuple(backward_op(kind)(*bargs))
+    want, want_hg = reference_backward(kind, fargs, bargs, dtype)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.dtype == dtype and g.device.type == device and g.shape == w.shape
+        torch.testing.assert_close(g, w, **TOL[dtype])
+    if want_hg is not None:  # RNN / LSTM: one gradient serves both pre-activations
+        torch.testing.assert_close(got[0], want_hg, **TOL[dtype])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_backward_op_bfloat16(device, kind):
+    fargs, bargs = backward_op_args(kind, 4, 33, torch.bfloat16, device, seed=61)
+    got = as_tuple(backward_op(kind)(*bargs))
+    want, _ = reference_backward(kind, fargs, bargs, torch.float32)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.float(), w, atol=3e-2, rtol=3e-2)
+
+
+def test_autograd_uses_the_fused_backward_op(device):
+    """The registered backward runs rnn_ext's backward op (not a reference fallback)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    for kind in KINDS:
+        args = make_inputs(kind, 3, 4, torch.float32, device, requires_grad=True)
+        with Record() as record:
+            sum(o.sum() for o in run_op(kind, args)).backward()
+        name = "rnn" if kind.startswith("rnn") else kind
+        assert f"rnn_ext.{name}_cell_forward.default" in record.names, record.names
+        assert f"rnn_ext.{name}_cell_backward.default" in record.names, record.names
+
+
+# --------------------------------------------------------------------------- wrong arguments
+
+def _t(*shape, dtype=torch.float64, device="cpu"):
+    if dtype.is_floating_point:
+        return torch.randn(shape, dtype=torch.float64).to(device=device, dtype=dtype)
+    return torch.ones(shape, dtype=dtype, device=device)
+
+
+B_, H_ = 3, 4
+
+ERROR_CASES = {
+    # wrong dims
+    "rnn_xg_3d": lambda d: ops.rnn_cell_forward(_t(1, B_, H_, device=d), _t(1, B_, H_, device=d),
+                                                None, None, "tanh"),
+    "rnn_xg_1d": lambda d: ops.rnn_cell_forward(_t(H_, device=d), _t(H_, device=d), None, None,
+                                                "tanh"),
+    "lstm_hg_1d": lambda d: ops.lstm_cell_forward(_t(B_, 4 * H_, device=d), _t(4 * H_, device=d),
+                                                  None, None, _t(B_, H_, device=d)),
+    "gru_hx_3d": lambda d: ops.gru_cell_forward(_t(B_, 3 * H_, device=d), _t(B_, 3 * H_, device=d),
+                                                None, None, _t(1, B_, H_, device=d)),
+    "lstm_bias_2d": lambda d: ops.lstm_cell_forward(
+        _t(B_, 4 * H_, device=d), _t(B_, 4 * H_, device=d), _t(1, 4 * H_, device=d), None,
+        _t(B_, H_, device=d)),
+    # wrong sizes
+    "rnn_hg_rows": lambda d: ops.rnn_cell_forward(_t(B_, H_, device=d), _t(B_ + 1, H_, device=d),
+                                                  None, None, "tanh"),
+    "rnn_hg_cols": lambda d: ops.rnn_cell_forward(_t(B_, H_, device=d), _t(B_, H_ + 1, device=d),
+                                                  None, None, "relu"),
+    "lstm_hg_cols": lambda d: ops.lstm_cell_forward(
+        _t(B_, 4 * H_, device=d), _t(B_, 3 * H_, device=d), None, None, _t(B_, H_, device=d)),
+    "gru_hg_rows": lambda d: ops.gru_cell_forward(
+        _t(B_, 3 * H_, device=d), _t(B_ - 1, 3 * H_, device=d), None, None, _t(B_, H_, device=d)),
+    "rnn_b_ih_len": lambda d: ops.rnn_cell_forward(_t(B_, H_, device=d), _t(B_, H_, device=d),
+                                                   _t(H_ + 1, device=d), None, "tanh"),
+    "lstm_b_hh_len": lambda d: ops.lstm_cell_forward(
+        _t(B_, 4 * H_, device=d), _t(B_, 4 * H_, device=d), None, _t(H_, device=d),
+        _t(B_, H_, device=d)),
+    "gru_b_ih_len": lambda d: ops.gru_cell_forward(
+        _t(B_, 3 * H_, device=d), _t(B_, 3 * H_, device=d), _t(4 * H_, device=d), None,
+        _t(B_, H_, device=d)),
+    "lstm_cx_shape": lambda d: ops.lstm_cell_forward(
+        _t(B_, 4 * H_, device=d), _t(B_, 4 * H_, device=d), None, None, _t(B_, H_ + 1, device=d)),
+    "lstm_cx_rows": lambda d: ops.lstm_cell_forward(
+        _t(B_, 4 * H_, device=d), _t(B_, 4 * H_, device=d), None, None, _t(B_ + 1, H_, device=d)),
+    "gru_hx_shape": lambda d: ops.gru_cell_forward(
+        _t(B_, 3 * H_, device=d), _t(B_, 3 * H_, device=d), None, None, _t(B_, 4 * H_, device=d)),
+    "lstm_workspace_shape": lambda d: ops.lstm_cell_backward(
+        _t(B_, H_, device=d), _t(B_, H_, device=d), _t(B_, 4 * H_, device=d)),
+    "lstm_workspace_rows": lambda d: ops.lstm_cell_backward(
+        _t(B_, H_, device=d), _t(B_, H_, device=d), _t(B_ + 1, 5 * H_, device=d)),
+    "lstm_grad_cy_shape": lambda d: ops.lstm_cell_backward(
+        _t(B_, H_, device=d), _t(B_, H_ + 1, device=d), _t(B_, 5 * H_, device=d)),
+    "gru_workspace_shape": lambda d: ops.gru_cell_backward(_t(B_, H_, device=d),
+                                                           _t(B_, 3 * H_, device=d)),
+    "gru_workspace_1d": lambda d: ops.gru_cell_backward(_t(B_, H_, device=d),
+                                                        _t(5 * H_, device=d)),
+    "rnn_backward_hy_shape": lambda d: ops.rnn_cell_backward(_t(B_, H_, device=d),
+                                                             _t(B_, H_ + 1, device=d), "tanh"),
+    "rnn_backward_grad_1d": lambda d: ops.rnn_cell_backward(_t(H_, device=d), _t(H_, device=d),
+                                                            "relu"),
+    # mismatched dtypes
+    "rnn_hg_dtype": lambda d: ops.rnn_cell_forward(
+        _t(B_, H_, device=d), _t(B_, H_, dtype=torch.float32, device=d), None, None, "tanh"),
+    "lstm_bias_dtype": lambda d: ops.lstm_cell_forward(
+        _t(B_, 4 * H_, device=d), _t(B_, 4 * H_, device=d),
+        _t(4 * H_, dtype=torch.float32, device=d), None, _t(B_, H_, device=d)),
+    "lstm_cx_dtype": lambda d: ops.lstm_cell_forward(
+        _t(B_, 4 * H_, device=d), _t(B_, 4 * H_, device=d), None, None,
+        _t(B_, H_, dtype=torch.float32, device=d)),
+    "gru_hx_dtype": lambda d: ops.gru_cell_forward(
+        _t(B_, 3 * H_, dtype=torch.float32, device=d), _t(B_, 3 * H_, dtype=torch.float32,
+                                                          device=d), None, None,
+        _t(B_, H_, device=d)),
+    "gru_workspace_dtype": lambda d: ops.gru_cell_backward(
+        _t(B_, H_, device=d), _t(B_, 5 * H_, dtype=torch.float32, device=d)),
+    "lstm_grad_cy_dtype": lambda d: ops.lstm_cell_backward(
+        _t(B_, H_, device=d), _t(B_, H_, dtype=torch.bfloat16, device=d),
+        _t(B_, 5 * H_, device=d)),
+    # integer dtypes (every argument integer, so only the dtype is wrong)
+    "rnn_int64": lambda d: ops.rnn_cell_forward(_t(B_, H_, dtype=torch.int64, device=d),
+                                                _t(B_, H_, dtype=torch.int64, device=d),
+                                                None, None, "tanh"),
+    "lstm_int32": lambda d: ops.lstm_cell_forward(
+        _t(B_, 4 * H_, dtype=torch.int32, device=d), _t(B_, 4 * H_, dtype=torch.int32, device=d),
+        None, None, _t(B_, H_, dtype=torch.int32, device=d)),
+    "gru_int64_backward": lambda d: ops.gru_cell_backward(
+        _t(B_, H_, dtype=torch.int64, device=d), _t(B_, 5 * H_, dtype=torch.int64, device=d)),
+    "rnn_bool_backward": lambda d: ops.rnn_cell_backward(
+        _t(B_, H_, dtype=torch.bool, device=d), _t(B_, H_, dtype=torch.bool, device=d), "tanh"),
+    # widths that are not a multiple of G (or are zero)
+    "lstm_width_not_multiple": lambda d: ops.lstm_cell_forward(
+        _t(B_, 4 * H_ + 1, device=d), _t(B_, 4 * H_ + 1, device=d), None, None,
+        _t(B_, H_, device=d)),
+    "gru_width_not_multiple": lambda d: ops.gru_cell_forward(
+        _t(B_, 3 * H_ + 2, device=d), _t(B_, 3 * H_ + 2, device=d), None, None,
+        _t(B_, H_, device=d)),
+    "lstm_width_zero": lambda d: ops.lstm_cell_forward(
+        _t(B_, 0, device=d), _t(B_, 0, device=d), None, None, _t(B_, 0, device=d)),
+    "rnn_width_zero": lambda d: ops.rnn_cell_forward(_t(B_, 0, device=d), _t(B_, 0, device=d),
+                                                     None, None, "tanh"),
+    # unknown nonlinearity
+    "rnn_forward_sigmoid": lambda d: ops.rnn_cell_forward(_t(B_, H_, device=d),
+                                                          _t(B_, H_, device=d), None, None,
+                                                          "sigmoid"),
+    "rnn_backward_sigmoid": lambda d: ops.rnn_cell_backward(_t(B_, H_, device=d),
+                                                            _t(B_, H_, device=d), "sigmoid"),
+    "rnn_forward_empty_nonlinearity": lambda d: ops.rnn_cell_forward(
+        _t(B_, H_, device=d), _t(B_, H_, device=d), None, None, ""),
+}
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_wrong_arguments_raise(device, case):
+    with pytest.raises(RuntimeError, match="rnn_ext"):
+        ERROR_CASES[case](device)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_wrong_arguments_raise_under_autograd(device, kind):
+    """The autograd wrapper forwards the op's checks (bias of the wrong length)."""
+    args = list(make_inputs(kind, 3, 4, torch.float64, device, requires_grad=True))
+    args[2] = torch.zeros(GATES[kind] * 4 + 1, dtype=torch.float64, device=device,
+                          requires_grad=True)
+    with pytest.raises(RuntimeError, match="b_ih"):
+        forward_op(kind)(*args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device type (CUDA)")
+def test_device_mismatch_raises():
+    xg = torch.randn(3, 16, device="cuda")
+    with pytest.raises(RuntimeError):
+        ops.lstm_cell_forward(xg, xg.clone(), None, None, torch.randn(3, 4))
+
+
+# ----------------------------------------------------------------------- non-contiguous inputs
+
+def noncontiguous(t):
+    """The same values in a strided (every other element) layout."""
+    out = torch.empty(t.shape + (2,), dtype=t.dtype, device=t.device)[..., 0]
+    out.copy_(t)
+    assert not out.is_contiguous()
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_noncontiguous_inputs(device, kind, dtype):
+    args = make_inputs(kind, 3, 5, dtype, device, seed=71)
+    strided = tuple(noncontiguous(a) if isinstance(a, torch.Tensor) else a for a in args)
+    want = as_tuple(forward_op(kind)(*args))
+    got = as_tuple(forward_op(kind)(*strided))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+    # transposed storage as well
+    transposed = tuple(a.t().contiguous().t() if isinstance(a, torch.Tensor) and a.dim() == 2
+                       else a for a in args)
+    assert not transposed[0].is_contiguous()
+    got = as_tuple(forward_op(kind)(*transposed))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+    torch.testing.assert_close(run_op(kind, strided)[0], run_reference(kind, args)[0],
+                               **TOL[dtype])
+
+    _, bargs = backward_op_args(kind, 3, 5, dtype, device, seed=72)
+    strided_b = tuple(noncontiguous(a) if isinstance(a, torch.Tensor) else a for a in bargs)
+    want_b = as_tuple(backward_op(kind)(*bargs))
+    got_b = as_tuple(backward_op(kind)(*strided_b))
+    for g, w in zip(got_b, want_b):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_expanded_bias_and_state(device, kind):
+    """Stride-0 (expanded) tensors are read correctly."""
+    B, H = 4, 6
+    args = list(make_inputs(kind, B, H, torch.float64, device, seed=81))
+    args[1] = args[1][:1].expand(B, -1)  # every row's hg the same, stride 0
+    if not kind.startswith("rnn"):
+        args[4] = args[4][:1].expand(B, -1)
+    dense = [a.contiguous() if isinstance(a, torch.Tensor) else a for a in args]
+    for g, w in zip(run_op(kind, args), run_reference(kind, dense)):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=0)
