@@ -59,6 +59,7 @@ import contextlib
 import datetime
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -299,6 +300,8 @@ def machine_info(device: torch.device) -> dict:
         "rnn_ext_backend": rnn_ext.backend(),
         "rnn_ext_built_with_cuda": rnn_ext.extension_built_with_cuda(),
         "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "load_average_at_start": os.getloadavg(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
 
@@ -393,6 +396,10 @@ def main(argv=None) -> int:
     info = machine_info(device)
     _progress(f"rnn_ext benchmarks on {info['device_name']} ({args.device}, "
               f"{info['threads']} threads, torch {info['torch']}), {repeats} repeats")
+    if args.device == "cpu" and info["load_average_at_start"][0] > 0.5:
+        _progress(f"WARNING: load average {info['load_average_at_start'][0]:.1f} with "
+                  f"{info['cpu_count']} CPUs: other jobs compete for the cores; CPU timings "
+                  "(multi-threaded ones most) will be noisy")
     gemm = {}
     for dtype in dtypes:
         gemm[dtype] = measure_gemm(device, DTYPES[dtype], timer, repeats)
@@ -427,6 +434,7 @@ def main(argv=None) -> int:
                 "min_sample_s": MIN_SAMPLE_S, "quick": args.quick,
                 "no_reference": args.no_reference, "slow_reference": args.slow_reference,
                 "argv": sys.argv[1:] if argv is None else list(argv)}
+    info["load_average_at_end"] = os.getloadavg()
     result = {"machine": info, "settings": settings,
               "gemm": {"shape_mkn": GEMM_SHAPE, "gflops": gemm},
               "wall_s": wall, "results": records}
