@@ -24,7 +24,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 PASSES = {"forward": "inference", "forward+backward": "training"}
 
 # a short budget per benchmark keeps the 48 benchmarks per device to a couple of minutes
-pytestmark = pytest.mark.benchmark(max_time=0.5, min_rounds=5, warmup=True, warmup_iterations=2)
+pytestmark = pytest.mark.benchmark(max_time=0.3, min_rounds=5, warmup=True, warmup_iterations=2)
 
 
 @pytest.fixture(autouse=True, scope="module")

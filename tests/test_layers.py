@@ -25,8 +25,23 @@ ops = torch.ops.rnn_ext
 DEVICES = ["cpu"] + (
     ["cuda"] if torch.cuda.is_available() and rnn_ext.extension_built_with_cuda() else [])
 
-pytestmark = pytest.mark.skipif(not rnn_ext.extension_available(),
-                                reason="the compiled extension is not built")
+pytestmark = [
+    pytest.mark.skipif(not rnn_ext.extension_available(),
+                       reason="the compiled extension is not built"),
+    # torch.nn's own notice when it runs an LSTM with projections on the CPU
+    pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN"),
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The sizes here are far below what intra-op threads pay off for; on a small, shared
+    machine the spinning OpenMP workers only slow the file down (x5-10). One test below runs
+    with more threads on purpose (test_parallel_rows)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 # Small sizes of the exhaustive parity product.
 I, H, T, B, P = 3, 4, 5, 3, 3
@@ -475,6 +490,14 @@ def _both_raise(ref, ext, *args, same_message=True):
 
 
 @pytest.mark.parametrize("mode", list(MODES))
+def test_input_dims_error_matches_torch_nn(mode):
+    ref, ext = make_pair(mode, dtype=torch.float32, input_size=I, hidden_size=H)
+    for bad in (torch.randn(2, T, B, I), torch.randn(I)):
+        error = _both_raise(ref, ext, bad)
+        assert isinstance(error, ValueError)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 def test_forward_errors_match_torch_nn(mode):
     ref, ext = make_pair(mode, dtype=torch.float32, input_size=I, hidden_size=H, num_layers=2)
     lstm = mode == "LSTM"
@@ -484,7 +507,6 @@ def test_forward_errors_match_torch_nn(mode):
         return (h, torch.zeros(*shape, dtype=dtype)) if lstm else h
 
     x = torch.randn(T, B, I)
-    _both_raise(ref, ext, torch.randn(2, T, B, I))                    # 4-D input
     _both_raise(ref, ext, torch.randn(T, B, I + 2))                   # wrong input size
     _both_raise(ref, ext, torch.randn(T, I + 1))                      # unbatched wrong size
     _both_raise(ref, ext, x, state(2, B + 1, H))                      # wrong h0 batch
@@ -503,8 +525,8 @@ def test_forward_errors_match_torch_nn(mode):
         _both_raise(ref, ext, x, (h, torch.zeros(2, B, H + 1)))      # wrong c0 shape
         _both_raise(ref, ext, x, (h, torch.zeros(2, H)))             # c0 2-D only
     # packed with a wrong h0 batch
-    packed = pack_padded_sequence(x, [T, 3, 2], enforce_sorted=False)
-    _both_raise(ref, ext, packed, state(2, B + 1, H), same_message=not lstm)
+    packed = pack_padded_sequence(x, [T, 3, 2], enforce_sorted=True)
+    _both_raise(ref, ext, packed, state(2, B + 1, H), same_message=False)
 
 
 def test_lstm_proj_forward_errors():
@@ -520,7 +542,7 @@ def test_lstm_proj_forward_errors():
 def test_zero_batch(mode, batch_first):
     proj = 2 if mode == "LSTM" else 0
     ref, ext = make_pair(mode, input_size=I, hidden_size=H, num_layers=2, bidirectional=True,
-                         batch_first=batch_first, proj_size=proj)
+                         batch_first=batch_first, **({"proj_size": proj} if proj else {}))
     x = torch.randn(0, T, I) if batch_first else torch.randn(T, 0, I)
     x = x.double()
     ref_out, ref_hidden = ref(x)
@@ -561,7 +583,8 @@ def test_float32_parity_realistic(mode, proj, device):
         c0 = torch.randn(4, Br, Hr, device=device, requires_grad=True)
         leaves.append(c0)
         hx = (h0, c0)
-    ref_out, ref_h = ref(x, hx)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # cuDNN's TF32 on GPUs
+        ref_out, ref_h = ref(x, hx)
     ext_out, ext_h = ext(x, hx)
     assert_close(ext_out, ref_out, 1e-4, "output")
     for a, b in zip(hidden_list(ext_h), hidden_list(ref_h)):
@@ -572,7 +595,8 @@ def test_float32_parity_realistic(mode, proj, device):
     def loss(out, hidden):
         return (out * w).sum() + sum((s * v).sum() for s, v in zip(hidden_list(hidden), vs))
 
-    ref_grads = torch.autograd.grad(loss(ref_out, ref_h), leaves + list(ref.parameters()))
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        ref_grads = torch.autograd.grad(loss(ref_out, ref_h), leaves + list(ref.parameters()))
     ext_grads = torch.autograd.grad(loss(ext_out, ext_h), leaves + list(ext.parameters()))
     names = ["input", "h0", "c0"][:len(leaves)] + [n for n, _ in ref.named_parameters()]
     for name, a, b in zip(names, ext_grads, ref_grads):
@@ -622,6 +646,28 @@ def test_bfloat16_backward_runs_and_is_close(mode):
         assert rel_err(a.grad, b.grad) < 5e-2, n
 
 
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH"])
+def test_parallel_rows(mode):
+    """A batch large enough that the CPU pointwise kernels split their rows over threads
+    (grain: 32768 gate values per task) gives torch.nn's results, forward and backward."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        # hidden 64: at least 2 tasks of rows for every cell (RNN 512 rows per task)
+        ref, ext = make_pair(mode, input_size=8, hidden_size=64)
+        x = torch.randn(2, 1100, 8, dtype=torch.float64, requires_grad=True)
+        ext_out, _ = ext(x)
+        ref_out, _ = ref(x)
+        assert_close(ext_out, ref_out, 1e-10, "output")
+        w = torch.randn_like(ref_out)
+        got = torch.autograd.grad((ext_out * w).sum(), [x, *ext.parameters()])
+        want = torch.autograd.grad((ref_out * w).sum(), [x, *ref.parameters()])
+        for a, b in zip(got, want):
+            assert_close(a, b, 1e-10, "grad")
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ------------------------------------------------------------------------- non-contiguous inputs
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -631,7 +677,8 @@ def test_non_contiguous_inputs_and_states(mode, device):
     proj = 2 if lstm else 0
     out_size = proj or H
     ref, ext = make_pair(mode, device=device, input_size=I, hidden_size=H, num_layers=2,
-                         bidirectional=True, batch_first=True, proj_size=proj)
+                         bidirectional=True, batch_first=True,
+                         **({"proj_size": proj} if proj else {}))
     base = torch.randn(T, B, I, dtype=torch.float64, device=device)
     x = base.transpose(0, 1)                                             # [B, T, I] view
     assert not x.is_contiguous()
@@ -764,6 +811,44 @@ def test_layer_op_full_gradgradcheck(case, reverse):
     assert torch.autograd.gradgradcheck(as_function(kind, batch_sizes, reverse, present), inputs)
 
 
+def call_backward(kind, t, y, workspace, gy, gh, gc, batch_sizes, reverse):
+    """The layer backward op, its results by the name of the input they belong to."""
+    if kind in ("tanh", "relu"):
+        got = ops.rnn_layer_backward(gy, gh, t["w_hh"], t["h0"], y, batch_sizes, reverse, kind)
+        return dict(zip(["xg", "w_hh", "b_hh", "h0"], got))
+    if kind == "lstm":
+        got = ops.lstm_layer_backward(gy, gh, gc, t["w_hh"], t["w_hr"], t["h0"], y, workspace,
+                                      batch_sizes, reverse)
+        return dict(zip(["xg", "w_hh", "b_hh", "h0", "c0", "w_hr"], got))
+    got = ops.gru_layer_backward(gy, gh, t["w_hh"], t["h0"], y, workspace, batch_sizes, reverse)
+    return dict(zip(["xg", "w_hh", "b_hh", "h0"], got))
+
+
+@pytest.mark.parametrize("case", LAYER_KINDS, ids=kind_id)
+def test_layer_backward_ops_accept_inputs_that_require_grad(case):
+    """The backward ops are public ops: called directly in grad mode on tensors that require
+    grad (e.g. the module's own weights), they must compute the same values as on detached
+    tensors instead of raising from an out= ATen call inside the kernel."""
+    kind, bias, proj = case
+    batch_sizes = torch.tensor([3, 3, 2, 1])
+    t = layer_inputs(kind, bias, proj, batch_sizes, seed=5)
+    with torch.no_grad():
+        outs = call_forward(kind, t, batch_sizes, False)
+        workspace = None
+        if kind == "lstm":
+            workspace = ops.lstm_layer_forward(t["xg"], t["w_hh"], t["b_hh"], t["w_hr"],
+                                               t["h0"], t["c0"], batch_sizes, False, True)[3]
+        elif kind == "gru":
+            workspace = ops.gru_layer_forward(t["xg"], t["w_hh"], t["b_hh"], t["h0"],
+                                              batch_sizes, False, True)[2]
+    grads = [torch.randn_like(o) for o in outs] + [None] * (3 - len(outs))
+    want = call_backward(kind, t, outs[0], workspace, *grads, batch_sizes, False)
+    leaves = {n: None if v is None else v.clone().requires_grad_(True) for n, v in t.items()}
+    got = call_backward(kind, leaves, outs[0], workspace, *grads, batch_sizes, False)
+    for name in want:
+        assert_close(got[name].detach(), want[name], 1e-12, f"grad {name}")
+
+
 @pytest.mark.parametrize("bs", [[3, 3, 2, 1], [3, 1, 0], [2], [3, 3, 3]],
                          ids=["packed", "trailing-zero", "one-step", "uniform"])
 @pytest.mark.parametrize("reverse", [False, True])
@@ -812,19 +897,10 @@ def test_layer_ops_against_reference(case, reverse, bs):
     grads = [gy, gh] + ([gc] if lstm else [])
     expected = dict(zip(wrt, torch.autograd.grad(outs, [t[n] for n in wrt], grads)))
 
-    if kind in ("tanh", "relu"):
-        got = ops.rnn_layer_backward(gy, gh, t["w_hh"], t["h0"], y, batch_sizes, reverse, kind)
-        got = dict(zip(["xg", "w_hh", "b_hh", "h0"], got))
-    elif lstm:
-        got = ops.lstm_layer_backward(gy, gh, gc, t["w_hh"], t["w_hr"], t["h0"], y, workspace,
-                                      batch_sizes, reverse)
-        got = dict(zip(["xg", "w_hh", "b_hh", "h0", "c0", "w_hr"], got))
-        if not proj:
-            assert got["w_hr"].numel() == 0
-    else:
-        got = ops.gru_layer_backward(gy, gh, t["w_hh"], t["h0"], y, workspace, batch_sizes,
-                                     reverse)
-        got = dict(zip(["xg", "w_hh", "b_hh", "h0"], got))
+    got = call_backward(kind, {n: None if v is None else v.detach() for n, v in t.items()},
+                        y, workspace, gy, gh, gc, batch_sizes, reverse)
+    if lstm and not proj:
+        assert got["w_hr"].numel() == 0
     assert got["b_hh"].shape == (GATES[kind] * OP_H,)
     if not gru:
         # RNN / LSTM: the gradient of the hidden-side bias is the gate gradient's column sum
