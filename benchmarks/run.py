@@ -156,14 +156,16 @@ def interleaved(fns: dict, timer: Timer, repeats: int) -> tuple[dict, dict, int]
     return samples, failed, number
 
 
-def measure_gemm(device: torch.device, dtype: torch.dtype, timer: Timer, repeats: int) -> float:
-    """GFLOP/s of torch.mm at GEMM_SHAPE on this device and dtype (median over repeats)."""
+def measure_gemm(device: torch.device, dtype: torch.dtype, timer: Timer, repeats: int
+                 ) -> float | None:
+    """GFLOP/s of torch.mm at GEMM_SHAPE on this device and dtype (median over repeats); None
+    if torch.mm fails there."""
     m, k, n = GEMM_SHAPE
     a = torch.randn(m, k, device=device).to(dtype)
     b = torch.randn(k, n, device=device).to(dtype)
     samples, failed, _ = interleaved({"mm": lambda: torch.mm(a, b)}, timer, max(repeats, 5))
     if failed:
-        return float("nan")
+        return None
     return 2.0 * m * k * n / statistics.median(samples["mm"]) / 1e9
 
 
@@ -236,6 +238,10 @@ def _ms(value: float) -> str:
     return f"{value:.3f}"
 
 
+def _rate(gflops: float | None) -> str:
+    return "fails" if gflops is None else f"{gflops:.1f}"
+
+
 def _cell(record: dict, name: str) -> str:
     entry = record["contenders"][name]
     if entry["status"] == "ok":
@@ -261,13 +267,13 @@ def markdown_table(records: list[dict], gemm: dict) -> str:
                _cell(record, "reference"),
                *(f"{s:.2f}x" if s else "-" for s in speedups),
                f"{rate:.1f}" if rate else "-",
-               f"{100 * rate / peak:.1f}%" if rate and peak and not math.isnan(peak) else "-"]
+               f"{100 * rate / peak:.1f}%" if rate and peak else "-"]
         if not record["rnn_ext_runs_kernels"]:
             row[0] += "*"
             notes.append("* rnn_ext has no kernels for this device and dtype: it ran its "
                          "reference path.")
         lines.append("| " + " | ".join(row) + " |")
-    rates = ", ".join(f"{dtype} {value:.1f}" for dtype, value in gemm.items())
+    rates = ", ".join(f"{dtype} {_rate(value)}" for dtype, value in gemm.items())
     lines.append("")
     lines.append(f"GEMM rate (torch.mm {GEMM_SHAPE[0]}x{GEMM_SHAPE[1]} @ "
                  f"{GEMM_SHAPE[1]}x{GEMM_SHAPE[2]}), GFLOP/s: {rates}. "
@@ -312,6 +318,7 @@ def bar_chart(records: list[dict], path: Path, title: str) -> bool:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return False
     rows = [(f"{r['kind']} {MODE_NAMES[r['mode']]} {r['shape']} {r['dtype']} {r['pass']}",
@@ -322,10 +329,17 @@ def bar_chart(records: list[dict], path: Path, title: str) -> bool:
     figure, axes = plt.subplots(figsize=(9, 1.2 + 0.28 * len(rows)))
     labels, values = zip(*rows)
     positions = range(len(rows))
-    axes.barh(positions, values, color=["tab:green" if v >= 1 else "tab:red" for v in values])
+    axes.barh(positions, [value - 1.0 for value in values], left=1.0,  # bars grow from 1x
+              color=["tab:green" if value >= 1 else "tab:red" for value in values])
     axes.set_yticks(list(positions), labels, fontsize=8)
     axes.invert_yaxis()
     axes.set_xscale("log")
+    low, high = min(min(values), 1.0) / 1.3, max(max(values), 1.0) * 1.3
+    axes.set_xlim(low, high)
+    ticks = [tick for tick in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100)
+             if low <= tick <= high]
+    axes.set_xticks(ticks, [f"{tick:g}x" for tick in ticks])
+    axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes.axvline(1.0, color="black", linewidth=0.8)
     for position, value in zip(positions, values):
         axes.text(value, position, f" {value:.2f}x", va="center", fontsize=7)
@@ -403,7 +417,7 @@ def main(argv=None) -> int:
     gemm = {}
     for dtype in dtypes:
         gemm[dtype] = measure_gemm(device, DTYPES[dtype], timer, repeats)
-        _progress(f"GEMM rate {dtype}: {gemm[dtype]:.1f} GFLOP/s")
+        _progress(f"GEMM rate {dtype}: {_rate(gemm[dtype])} GFLOP/s")
 
     cases = [Case(kind, mode, shape, dtype, pass_) for kind in kinds for mode in modes
              for shape in shapes for dtype in dtypes for pass_ in passes]

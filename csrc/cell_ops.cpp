@@ -4,7 +4,7 @@
 
 #include "checks.h"
 #include "ops.h"
-#include "pointwise.h"
+#include "kernels.h"
 
 namespace rnn_ext {
 namespace {

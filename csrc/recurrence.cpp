@@ -13,11 +13,12 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/core/DeviceGuard.h>
 
 #include "checks.h"
 #include "ops.h"
-#include "pointwise.h"
+#include "kernels.h"
 
 namespace rnn_ext {
 namespace {
@@ -79,6 +80,20 @@ LayerShape check_layer_weights(const ArgChecker& check, CellKind kind, const Ten
   return s;
 }
 
+// [B, P]: each sequence's last output (its state after the last step it is active in).
+Tensor final_states(const Tensor& y, const Tensor& h0, const Steps& steps, bool reverse) {
+  Tensor h_n = h0.clone();  // B = 0 or a sequence with no steps keeps h0
+  for (int64_t i = 0; i < steps.count(); ++i) {
+    const int64_t t = steps.forward_order(i, reverse);
+    const int64_t next = i + 1 < steps.count() ? steps.batch[steps.forward_order(i + 1, reverse)] : 0;
+    const int64_t bs = steps.batch[t];
+    if (next < bs) {  // rows [next, bs) end at this step
+      h_n.narrow(0, next, bs - next).copy_(y.narrow(0, steps.offset[t] + next, bs - next));
+    }
+  }
+  return h_n;
+}
+
 struct LayerForward {
   Tensor y;      // [N, P]
   Tensor h_n;    // [B, P]
@@ -97,43 +112,61 @@ LayerForward run_layer_forward(const char* op, CellKind kind, const Tensor& xg,
   if (lstm) check(c0, "c0", {s.batch, s.hidden});
   const Steps steps = read_steps(op, batch_sizes, xg.size(0), s.batch);
   const c10::DeviceGuard guard(xg.device());
+  // The op is its own autograd boundary: the ATen calls inside it record no graph.
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto& kernels = device_kernels(xg.device().type());
   const auto opts = xg.options();
   const bool proj = w_hr.has_value() && w_hr->defined();
 
   const Tensor x = xg.contiguous();
-  const Tensor w_hh_t = w_hh.t();
-  const Tensor w_hr_t = proj ? w_hr->t() : Tensor();
+  const Tensor h_init = h0.contiguous();
+  const Tensor w = w_hh.contiguous();
+  const Tensor w_proj = proj ? w_hr->contiguous() : Tensor();
   const Tensor bias = optional_contiguous(b_hh);
   const bool saves = save && kind != CellKind::kRnnTanh && kind != CellKind::kRnnRelu;
-  const int64_t S = saved_per_unit(kind);
 
   LayerForward out;
   out.y = at::empty({x.size(0), s.out}, opts);
-  out.h_n = h0.clone(at::MemoryFormat::Contiguous);
-  if (lstm) out.c_n = c0.clone(at::MemoryFormat::Contiguous);
-  out.saved = at::empty({saves ? x.size(0) : 0, S * s.hidden}, opts);
+  if (lstm) out.c_n = c0.clone(at::MemoryFormat::Contiguous);  // the running c, in place
+  out.saved = at::empty({saves ? x.size(0) : 0, saved_per_unit(kind) * s.hidden}, opts);
   const Tensor hg = at::empty({s.batch, s.gates * s.hidden}, opts);
   const Tensor r = proj ? at::empty({s.batch, s.hidden}, opts) : Tensor();
+  Tensor joined;  // [B, P] for a step whose batch outgrows the previous one (packed, reverse)
 
   for (int64_t i = 0; i < steps.count(); ++i) {
     const int64_t t = steps.forward_order(i, reverse);
     const int64_t bs = steps.batch[t], off = steps.offset[t];
     if (bs == 0) continue;
-    Tensor h = out.h_n.narrow(0, 0, bs);
+    // The state the step starts from: the previous step's output rows (a contiguous prefix,
+    // so no copy), h0 at the first step, or both joined when sequences start late.
+    Tensor h_prev = h_init.narrow(0, 0, bs);
+    if (i > 0) {
+      const int64_t before = steps.forward_order(i - 1, reverse);
+      const int64_t carried = steps.batch[before];
+      const Tensor y_before = out.y.narrow(0, steps.offset[before], std::min(bs, carried));
+      if (bs <= carried) {
+        h_prev = y_before;
+      } else {
+        if (!joined.defined()) joined = at::empty({s.batch, s.out}, opts);
+        joined.narrow(0, 0, carried).copy_(y_before);
+        joined.narrow(0, carried, bs - carried).copy_(h_init.narrow(0, carried, bs - carried));
+        h_prev = joined.narrow(0, 0, bs);
+      }
+    }
     PointwiseForward a;
     a.xg = x.narrow(0, off, bs);
     a.hg = hg.narrow(0, 0, bs);
-    at::mm_out(a.hg, h, w_hh_t);
+    kernels.gemm(a.hg, h_prev, w, /*transpose_b=*/true, 0);
     a.b_hh = bias;
-    a.h_prev = h;
+    a.h_prev = h_prev;
     if (lstm) a.c_prev = a.c_new = out.c_n.narrow(0, 0, bs);
-    a.h_new = proj ? r.narrow(0, 0, bs) : h;
+    const Tensor y_t = out.y.narrow(0, off, bs);
+    a.h_new = proj ? r.narrow(0, 0, bs) : y_t;
     if (saves) a.saved = out.saved.narrow(0, off, bs);
     kernels.forward(kind, a);
-    if (proj) at::mm_out(h, a.h_new, w_hr_t);
-    out.y.narrow(0, off, bs).copy_(h);
+    if (proj) kernels.gemm(y_t, a.h_new, w_proj, /*transpose_b=*/true, 0);
   }
+  out.h_n = final_states(out.y, h_init, steps, reverse);
   return out;
 }
 
@@ -181,12 +214,15 @@ LayerBackward run_layer_backward(const char* op, CellKind kind, const Tensor& gr
   if (!rnn) check(saved_in, "workspace", {N, saved_per_unit(kind) * s.hidden});
   const Steps steps = read_steps(op, batch_sizes, N, s.batch);
   const c10::DeviceGuard guard(grad_y.device());
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto& kernels = device_kernels(grad_y.device().type());
   const auto opts = grad_y.options();
   const bool proj = w_hr.has_value() && w_hr->defined();
 
   const Tensor saved = rnn ? y.contiguous() : saved_in.contiguous();
   const Tensor gy = grad_y.contiguous();
+  const Tensor w = w_hh.contiguous();
+  const Tensor w_proj = proj ? w_hr->contiguous() : Tensor();
   LayerBackward out;
   out.grad_h0 = grad_h_n.clone(at::MemoryFormat::Contiguous);  // running dh, in place
   if (lstm) out.grad_c0 = grad_c_n.clone(at::MemoryFormat::Contiguous);
@@ -206,7 +242,7 @@ LayerBackward run_layer_backward(const char* op, CellKind kind, const Tensor& gr
     if (proj) {
       dh_all.narrow(0, off, bs).copy_(dh);
       a.grad_h_new = dr.narrow(0, 0, bs);
-      at::mm_out(a.grad_h_new, dh, *w_hr);
+      kernels.gemm(a.grad_h_new, dh, w_proj, /*transpose_b=*/false, 0);
     }
     if (lstm) a.grad_c_new = a.grad_c_prev = out.grad_c0.narrow(0, 0, bs);
     a.saved = saved.narrow(0, off, bs);
@@ -217,7 +253,7 @@ LayerBackward run_layer_backward(const char* op, CellKind kind, const Tensor& gr
     }
     kernels.backward(kind, a);
     // dh_prev = (GRU: z dh) + dhg @ W_hh; beta 0 discards dh's old contents otherwise.
-    dh.addmm_(grad_hg.narrow(0, off, bs), w_hh, gru ? 1 : 0, 1);
+    kernels.gemm(dh, grad_hg.narrow(0, off, bs), w, /*transpose_b=*/false, gru ? 1 : 0);
   }
 
   out.grad_w_hh = grad_hg.t().mm(previous_states(y, h0, steps, reverse));

@@ -1,5 +1,5 @@
 // torch.ops.rnn_ext: schemas and their CPU / CUDA implementations. The ops are device-agnostic
-// (ATen GEMMs + the device's pointwise kernel from pointwise.h), so both keys share them.
+// (the GEMMs and pointwise kernels of the device table in kernels.h), so both keys share them.
 // Autograd and fake (meta) implementations are registered from Python (rnn_ext/_ops.py).
 //
 // Shapes: B batch rows, H hidden units, G gates per unit (RNN 1, LSTM 4, GRU 3), S saved values
@@ -70,6 +70,6 @@ void register_impls(torch::Library& m) {
 }  // namespace
 
 // CUDA is registered even in a CPU-only build: the ops then raise a clear "no kernels for
-// device type cuda" error from pointwise.cpp instead of the dispatcher's generic one.
+// device type cuda" error from kernels.cpp instead of the dispatcher's generic one.
 TORCH_LIBRARY_IMPL(rnn_ext, CPU, m) { register_impls(m); }
 TORCH_LIBRARY_IMPL(rnn_ext, CUDA, m) { register_impls(m); }

@@ -63,8 +63,7 @@ class _RecurrentForward:
             batch = int(batch_sizes[0])
         else:
             if input.dim() not in (2, 3):
-                raise ValueError(f"{type(self).__name__}: Expected input to be 2D or 3D, "
-                                 f"got {input.dim()}D instead")
+                raise ValueError(self._input_dims_message.format(input.dim()))
             batched = input.dim() == 3
             if not batched:
                 input = input.unsqueeze(0 if self.batch_first else 1)
@@ -105,7 +104,7 @@ class _RecurrentForward:
         if packed:
             return (PackedSequence(y, batch_sizes, sorted_indices, unsorted_indices),
                     self.permute_hidden(hidden, unsorted_indices))
-        output = y.view(steps.size(0), steps.size(1), -1)
+        output = y.view(steps.size(0), steps.size(1), y.size(1))
         if self.batch_first:
             output = output.transpose(0, 1)
         if not batched:
@@ -117,13 +116,19 @@ class _RecurrentForward:
 class RNN(_RecurrentForward, nn.RNN):
     """torch.nn.RNN (tanh or relu) with the recurrence fused in C++/CUDA."""
 
+    _input_dims_message = "RNN: Expected input to be 2D or 3D, got {}D tensor instead"
+
 
 class LSTM(_RecurrentForward, nn.LSTM):
     """torch.nn.LSTM (with proj_size) with the recurrence fused in C++/CUDA."""
 
+    _input_dims_message = "LSTM: Expected input to be 2D or 3D, got {}D instead"
+
 
 class GRU(_RecurrentForward, nn.GRU):
     """torch.nn.GRU with the recurrence fused in C++/CUDA."""
+
+    _input_dims_message = "GRU: Expected input to be 2D or 3D, got {}D instead"
 
 
 # ------------------------------------------------------------------------------------- cells

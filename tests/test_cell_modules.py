@@ -263,6 +263,10 @@ LSTM_BAD_INPUTS = {
     "batch_mismatch_cx": lambda k: (torch.randn(3, 6), _states(k, (3,), 7, cx_shape=(4,))),
 }
 
+# RuntimeErrors whose text rnn_ext reproduces exactly (torch.nn raises them in its C++ checks)
+SAME_MESSAGE = {"wrong_input_size", "wrong_input_size_unbatched", "batch_mismatch_hx",
+                "hidden_size_mismatch", "batch_mismatch_cx"}
+
 
 def _outcome(cell, x, hx):
     try:
@@ -283,8 +287,18 @@ def test_bad_inputs_raise_like_torch_nn(extension, kind, case):
     assert got is not None, f"rnn_ext accepted the {case} input that torch.nn rejects " \
                             f"({type(expected).__name__}: {expected})"
     assert type(got) is type(expected), (got, expected)
-    if isinstance(expected, ValueError):  # torch.nn's own Python checks: same message
+    if isinstance(expected, ValueError) or case in SAME_MESSAGE:
+        # torch.nn's Python dim checks, and its C++ cell size checks, which rnn_ext's modules
+        # repeat with the same words before any kernel runs
         assert str(got) == str(expected)
+
+
+def test_unknown_nonlinearity_like_torch_nn():
+    x = torch.randn(2, 3)
+    expected = _outcome(nn.RNNCell(3, 4, nonlinearity="sigmoid"), x, None)
+    got = _outcome(rnn_ext.RNNCell(3, 4, nonlinearity="sigmoid"), x, None)
+    assert expected is not None and got is not None
+    assert type(got) is type(expected) and "sigmoid" in str(got)
 
 
 # ------------------------------------------------------------------------------ functional API

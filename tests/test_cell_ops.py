@@ -19,6 +19,8 @@ ops = torch.ops.rnn_ext
 GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
 KINDS = list(GATES)
 SHAPES = [(3, 4), (1, 7), (4, 33), (0, 5)]  # (B, H): small, B=1 with odd H, odd H, zero batch
+BIAS_VARIANTS = pytest.mark.parametrize("bias", [True, False, "ih", "hh"],
+                                        ids=["bias", "nobias", "b_ih_only", "b_hh_only"])
 TOL = {torch.float64: dict(atol=1e-12, rtol=0), torch.float32: dict(atol=1e-5, rtol=1e-5)}
 
 
@@ -34,7 +36,9 @@ def make_inputs(kind, B, H, dtype=torch.float64, device="cpu", bias=True, requir
     gh = GATES[kind] * H
     rnd = lambda *shape: _randn(gen, shape, dtype, device, requires_grad)  # noqa: E731
     xg, hg = rnd(B, gh), rnd(B, gh)
-    b_ih, b_hh = (rnd(gh), rnd(gh)) if bias else (None, None)
+    b_ih, b_hh = rnd(gh), rnd(gh)  # bias: True (both), False (neither), "ih" or "hh" (one)
+    b_ih = b_ih if bias in (True, "ih") else None
+    b_hh = b_hh if bias in (True, "hh") else None
     last = kind[len("rnn_"):] if kind.startswith("rnn") else rnd(B, H)
     return (xg, hg, b_ih, b_hh, last)
 
@@ -109,6 +113,41 @@ def test_forward_bfloat16(device, kind, shape, bias):
         torch.testing.assert_close(o.float(), e, atol=2e-2, rtol=2e-2)
 
 
+@BIAS_VARIANTS
+@pytest.mark.parametrize("kind", KINDS)
+def test_forward_one_bias(device, kind, bias):
+    args = make_inputs(kind, 3, 7, torch.float64, device, bias, seed=2)
+    for o, e in zip(run_op(kind, args), run_reference(kind, args)):
+        torch.testing.assert_close(o, e, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_forward_special_values(device, kind, dtype):
+    """NaN propagates, +-inf and huge pre-activations saturate, as in the reference."""
+    args = list(make_inputs(kind, 4, 5, dtype, device, seed=4))
+    xg = args[0].clone()
+    xg[0, 0], xg[1, 1], xg[2, 2] = float("nan"), float("inf"), -float("inf")
+    xg[3] = 1e4
+    args[0] = xg
+    out, expected = run_op(kind, args), run_reference(kind, args)
+    assert out[0].isnan().any()  # the NaN reached the output
+    for o, e in zip(out, expected):
+        torch.testing.assert_close(o, e, atol=1e-6, rtol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_many_rows_split_over_threads(device, kind):
+    """Enough rows that the CPU kernels split them into several parallel chunks."""
+    fargs, bargs = backward_op_args(kind, 1500, 33, torch.float32, device, seed=8)
+    for o, e in zip(run_op(kind, fargs), run_reference(kind, fargs)):
+        torch.testing.assert_close(o, e, atol=1e-5, rtol=1e-5)
+    got = as_tuple(backward_op(kind)(*bargs))
+    want, _ = reference_backward(kind, fargs, bargs, torch.float32)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_forward_large_magnitudes_saturate(device, kind):
     """Pre-activations far outside the usual range: no NaN/inf, reference values."""
@@ -121,7 +160,7 @@ def test_forward_large_magnitudes_saturate(device, kind):
 
 # ---------------------------------------------------------------------------------- autograd
 
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@BIAS_VARIANTS
 @pytest.mark.parametrize("kind", KINDS)
 def test_gradcheck(device, kind, bias):
     args = make_inputs(kind, 3, 4, torch.float64, device, bias, requires_grad=True, seed=11)

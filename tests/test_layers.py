@@ -106,7 +106,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run_module(module, form, x, batch_first, hx):
-    """Calls `module` on `x` in input form `form`; returns (output tensor, packed or None, hidden)."""
+    """Calls `module` on `x` in input form `form`: (output tensor, packed or None, hidden)."""
     if form.startswith("packed"):
         lengths = SORTED_LENGTHS if form == "packed_sorted" else UNSORTED_LENGTHS
         inp = pack_padded_sequence(x, lengths, batch_first=batch_first,
@@ -397,9 +397,10 @@ def test_parameters_match_torch_nn(mode, kwargs):
         assert getattr(ext, attr) == getattr(ref, attr), attr
     assert [[w.shape for w in ws] for ws in ext.all_weights] == \
         [[w.shape for w in ws] for ws in ref.all_weights]
-    assert all(a is b for wa, wb in zip(ext.all_weights, [[getattr(ext, n) for n in names]
-                                                          for names in ext._all_weights])
-               for a, b in zip(wa, wb))
+    # all_weights holds the module's own parameters, layer by layer
+    params = dict(ext.named_parameters())
+    for ws, names in zip(ext.all_weights, ext._all_weights):
+        assert [id(w) for w in ws] == [id(params[n]) for n in names]
     ext.flatten_parameters()  # exists, works (a no-op on the CPU)
 
 

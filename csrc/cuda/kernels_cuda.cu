@@ -1,12 +1,14 @@
-// CUDA kernels of the pointwise step: one thread per (row, unit), on the current stream.
+// CUDA kernels: the pointwise step, one thread per (row, unit), on the current stream; the step
+// GEMM is ATen's (cuBLAS).
 // Consecutive threads take consecutive units of a row, so every gate column is read coalesced.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/ops/mm.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include "../pointwise.h"
+#include "../kernels.h"
 
 namespace rnn_ext {
 namespace {
@@ -67,8 +69,19 @@ void backward_cuda(CellKind kind, const PointwiseBackward& a) {
   });
 }
 
+void gemm_cuda(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool transpose_b,
+               double beta) {
+  const at::Tensor rhs = transpose_b ? b.t() : b;
+  at::Tensor result = out;
+  if (beta == 0) {
+    at::mm_out(result, a, rhs);
+  } else {
+    result.addmm_(a, rhs, beta, 1);
+  }
+}
+
 const bool registered =
-    register_device_kernels(c10::DeviceType::CUDA, {forward_cuda, backward_cuda});
+    register_device_kernels(c10::DeviceType::CUDA, {forward_cuda, backward_cuda, gemm_cuda});
 
 }  // namespace
 }  // namespace rnn_ext

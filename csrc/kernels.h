@@ -1,6 +1,7 @@
-// The fused pointwise step of a cell, as seen by the device-agnostic code: one call updates B
-// rows of H units. Each device (cpu/, cuda/) registers its kernels in a table at load time, so
-// the ops and the recurrence never branch on the device or on how the library was built.
+// The two kernels of a recurrent step, as seen by the device-agnostic code: the step GEMM and the
+// fused pointwise step of a cell (one call updates B rows of H units). Each device (cpu/, cuda/)
+// registers its kernels in a table at load time, so the ops and the recurrence never branch on
+// the device or on how the library was built.
 #pragma once
 
 #include <string_view>
@@ -42,9 +43,16 @@ struct PointwiseBackward {
   at::Tensor grad_c_prev;  // [B, H] out (LSTM); may alias grad_c_new
 };
 
+// out [M, N] = beta * out + a [M, K] @ (transpose_b ? bᵀ : b), b being [N, K] or [K, N].
+// All row-major and contiguous, one dtype; beta 0 ignores out's contents (NaN included).
+// The recurrence calls it twice a step, so the CPU skips ATen's dispatch and calls BLAS.
+using GemmKernel = void (*)(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                            bool transpose_b, double beta);
+
 struct DeviceKernels {
   void (*forward)(CellKind, const PointwiseForward&) = nullptr;
   void (*backward)(CellKind, const PointwiseBackward&) = nullptr;
+  GemmKernel gemm = nullptr;
 };
 
 // Called once per device from a static initialiser in that device's source file.

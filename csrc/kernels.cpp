@@ -1,4 +1,4 @@
-#include "pointwise.h"
+#include "kernels.h"
 
 #include <array>
 #include <string>
