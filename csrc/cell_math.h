@@ -187,6 +187,7 @@ struct GruCellMath {
 // its inputs before it writes.
 // ---------------------------------------------------------------------------------------------
 
+// scalar_t = void gives the type-erased form that device-agnostic code passes around.
 template <typename scalar_t>
 struct ForwardPointers {
   const scalar_t* xg;      // [B, G*H] input-side pre-activations
@@ -198,18 +199,21 @@ struct ForwardPointers {
   scalar_t* h_new;         // [B, H]
   scalar_t* c_new;         // [B, H] or null (LSTM only)
   scalar_t* saved;         // [B, S*H] or null (inference)
+  int64_t rows;            // B
   int64_t hidden;          // H
 };
 
 template <typename scalar_t>
 struct BackwardPointers {
   const scalar_t* grad_h_new;  // [B, H]
+  const scalar_t* grad_h_add;  // [B, H] or null: a second gradient of h_new, added to the first
   const scalar_t* grad_c_new;  // [B, H] or null (LSTM only)
   const scalar_t* saved;       // [B, S*H]
   scalar_t* grad_xg;           // [B, G*H]
   scalar_t* grad_hg;           // [B, G*H] or null (GRU only)
   scalar_t* grad_h_prev;       // [B, H] or null (GRU only: h_prev's direct path into h_new)
   scalar_t* grad_c_prev;       // [B, H] or null (LSTM only)
+  int64_t rows;                // B
   int64_t hidden;              // H
 };
 
@@ -263,7 +267,8 @@ RNN_EXT_HD void backward_unit(const BackwardPointers<scalar_t>& p, int64_t b, in
   acc_t saved[S], dx[G], dh[G];
 RNN_EXT_UNROLL
   for (int s = 0; s < S; ++s) saved[s] = static_cast<acc_t>(p.saved[b * S * H + s * H + j]);
-  const acc_t dh_new = static_cast<acc_t>(p.grad_h_new[unit]);
+  acc_t dh_new = static_cast<acc_t>(p.grad_h_new[unit]);
+  if (p.grad_h_add) dh_new += static_cast<acc_t>(p.grad_h_add[unit]);
   const acc_t dc_new = Cell::kHasCellState ? static_cast<acc_t>(p.grad_c_new[unit]) : acc_t(0);
   acc_t dh_prev = acc_t(0), dc_prev = acc_t(0);
   Cell::backward(dh_new, dc_new, saved, dx, dh, dh_prev, dc_prev);

@@ -6,13 +6,21 @@
 #include "ops.h"
 #include "kernels.h"
 
+using at::Tensor;
+
 namespace rnn_ext {
 namespace {
 
+// A cell step's tensors: the inputs made contiguous and the outputs it allocates.
+struct CellForward {
+  Tensor xg, hg, b_ih, b_hh, h_prev, c_prev;  // inputs
+  Tensor h_new, c_new, saved;                 // outputs
+};
+
 // One forward step. `h_prev` / `c_prev` are undefined for the cells that do not read them.
-PointwiseForward run_cell_forward(const char* op, CellKind kind, const Tensor& xg,
-                                  const Tensor& hg, const OptTensor& b_ih, const OptTensor& b_hh,
-                                  const Tensor& h_prev, const Tensor& c_prev) {
+CellForward run_cell_forward(const char* op, CellKind kind, const Tensor& xg, const Tensor& hg,
+                             const OptTensor& b_ih, const OptTensor& b_hh, const Tensor& h_prev,
+                             const Tensor& c_prev) {
   const int64_t G = gates_per_unit(kind);
   const int64_t H = units_of(op, xg, G);
   const int64_t B = xg.size(0);
@@ -23,27 +31,37 @@ PointwiseForward run_cell_forward(const char* op, CellKind kind, const Tensor& x
   if (kind == CellKind::kGru) check(h_prev, "hx", {B, H});
   if (kind == CellKind::kLstm) check(c_prev, "cx", {B, H});
   const c10::DeviceGuard guard(xg.device());
+  const auto& kernels = device_kernels(xg.device().type());
 
-  PointwiseForward a;
-  a.xg = xg.contiguous();
-  a.hg = hg.contiguous();
-  a.b_ih = optional_contiguous(b_ih);
-  a.b_hh = optional_contiguous(b_hh);
-  if (h_prev.defined()) a.h_prev = h_prev.contiguous();
-  if (c_prev.defined()) a.c_prev = c_prev.contiguous();
-  a.h_new = at::empty({B, H}, xg.options());
-  if (kind == CellKind::kLstm) a.c_new = at::empty({B, H}, xg.options());
+  CellForward t;
+  t.xg = xg.contiguous();
+  t.hg = hg.contiguous();
+  t.b_ih = optional_contiguous(b_ih);
+  t.b_hh = optional_contiguous(b_hh);
+  if (h_prev.defined()) t.h_prev = h_prev.contiguous();
+  if (c_prev.defined()) t.c_prev = c_prev.contiguous();
+  t.h_new = at::empty({B, H}, xg.options());
+  if (kind == CellKind::kLstm) t.c_new = at::empty({B, H}, xg.options());
   // The RNN cell's workspace is its output h_new, so it saves nothing of its own.
   if (kind == CellKind::kLstm || kind == CellKind::kGru) {
-    a.saved = at::empty({B, saved_per_unit(kind) * H}, xg.options());
+    t.saved = at::empty({B, saved_per_unit(kind) * H}, xg.options());
   }
-  if (B > 0) device_kernels(xg.device().type()).forward(kind, a);
-  return a;
+  const ForwardPointers<void> p{row_pointer(t.xg),     row_pointer(t.hg),    row_pointer(t.b_ih),
+                                row_pointer(t.b_hh),   row_pointer(t.h_prev), row_pointer(t.c_prev),
+                                row_pointer(t.h_new),  row_pointer(t.c_new), row_pointer(t.saved),
+                                B,                     H};
+  kernels.forward(kind, data_type_of(xg), p);
+  return t;
 }
 
+struct CellBackward {
+  Tensor grad_h_new, grad_c_new, saved;             // inputs
+  Tensor grad_xg, grad_hg, grad_h_prev, grad_c_prev;  // outputs
+};
+
 // One backward step from the gradient of h_new (and c_new) and the forward's workspace.
-PointwiseBackward run_cell_backward(const char* op, CellKind kind, const Tensor& grad_h_new,
-                                    const Tensor& grad_c_new, const Tensor& saved) {
+CellBackward run_cell_backward(const char* op, CellKind kind, const Tensor& grad_h_new,
+                               const Tensor& grad_c_new, const Tensor& saved) {
   const ArgChecker check(op, grad_h_new);
   check(grad_h_new, "grad_hy", {-1, -1});
   const int64_t B = grad_h_new.size(0), H = grad_h_new.size(1);
@@ -52,19 +70,25 @@ PointwiseBackward run_cell_backward(const char* op, CellKind kind, const Tensor&
         {B, saved_per_unit(kind) * H});
   if (kind == CellKind::kLstm) check(grad_c_new, "grad_cy", {B, H});
   const c10::DeviceGuard guard(grad_h_new.device());
+  const auto& kernels = device_kernels(grad_h_new.device().type());
 
-  PointwiseBackward a;
-  a.grad_h_new = grad_h_new.contiguous();
-  if (grad_c_new.defined()) a.grad_c_new = grad_c_new.contiguous();
-  a.saved = saved.contiguous();
-  a.grad_xg = at::empty({B, G * H}, grad_h_new.options());
+  CellBackward t;
+  t.grad_h_new = grad_h_new.contiguous();
+  if (grad_c_new.defined()) t.grad_c_new = grad_c_new.contiguous();
+  t.saved = saved.contiguous();
+  t.grad_xg = at::empty({B, G * H}, grad_h_new.options());
   if (kind == CellKind::kGru) {
-    a.grad_hg = at::empty({B, G * H}, grad_h_new.options());
-    a.grad_h_prev = at::empty({B, H}, grad_h_new.options());
+    t.grad_hg = at::empty({B, G * H}, grad_h_new.options());
+    t.grad_h_prev = at::empty({B, H}, grad_h_new.options());
   }
-  if (kind == CellKind::kLstm) a.grad_c_prev = at::empty({B, H}, grad_h_new.options());
-  if (B > 0 && H > 0) device_kernels(grad_h_new.device().type()).backward(kind, a);
-  return a;
+  if (kind == CellKind::kLstm) t.grad_c_prev = at::empty({B, H}, grad_h_new.options());
+  const BackwardPointers<void> p{row_pointer(t.grad_h_new), nullptr,
+                                 row_pointer(t.grad_c_new), row_pointer(t.saved),
+                                 row_pointer(t.grad_xg),    row_pointer(t.grad_hg),
+                                 row_pointer(t.grad_h_prev), row_pointer(t.grad_c_prev),
+                                 B,                          H};
+  kernels.backward(kind, data_type_of(grad_h_new), p);
+  return t;
 }
 
 }  // namespace

@@ -1,13 +1,19 @@
-// The two kernels of a recurrent step, as seen by the device-agnostic code: the step GEMM and the
-// fused pointwise step of a cell (one call updates B rows of H units). Each device (cpu/, cuda/)
-// registers its kernels in a table at load time, so the ops and the recurrence never branch on
-// the device or on how the library was built.
+// The two kernels of a recurrent step, as the device-agnostic code sees them: the step GEMM and
+// the fused pointwise step of a cell (one call updates B rows of H units). Each device (cpu/,
+// cuda/) registers its kernels in a table at load time, so the ops and the recurrence never
+// branch on the device or on how the library was built.
+//
+// Arguments are raw pointers (cell_math.h's ForwardPointers / BackwardPointers, type-erased)
+// plus dtype and device: the recurrence calls these a few times per time step, and building
+// tensor views for every call would cost as much as the work at small sizes.
 #pragma once
 
+#include <memory>
 #include <string_view>
 
 #include <ATen/core/Tensor.h>
-#include <c10/core/DeviceType.h>
+#include <c10/core/Device.h>
+#include <c10/core/ScalarType.h>
 
 #include "cell_math.h"
 
@@ -20,39 +26,38 @@ int64_t saved_per_unit(CellKind kind);  // S: 1, 1, 5, 5
 // The RNN cell of a nonlinearity name, 'tanh' or 'relu'; `op` names the caller in errors.
 CellKind rnn_cell_kind(const char* op, std::string_view nonlinearity);
 
-// All tensors contiguous, one dtype. Undefined = absent.
-struct PointwiseForward {
-  at::Tensor xg;      // [B, G*H] input-side gate pre-activations
-  at::Tensor hg;      // [B, G*H] hidden-side gate pre-activations
-  at::Tensor b_ih;    // [G*H] or undefined (already inside xg)
-  at::Tensor b_hh;    // [G*H] or undefined (already inside hg)
-  at::Tensor h_prev;  // [B, H] previous hidden state (GRU)
-  at::Tensor c_prev;  // [B, H] previous cell state (LSTM)
-  at::Tensor h_new;   // [B, H] out; may alias h_prev
-  at::Tensor c_new;   // [B, H] out (LSTM); may alias c_prev
-  at::Tensor saved;   // [B, S*H] out, or undefined when the backward will not run
+// Where the data lives and what it is: every pointer of one call shares these.
+struct DataType {
+  at::ScalarType dtype;
+  c10::Device device;
 };
 
-struct PointwiseBackward {
-  at::Tensor grad_h_new;   // [B, H] gradient w.r.t. h_new
-  at::Tensor grad_c_new;   // [B, H] gradient w.r.t. c_new (LSTM)
-  at::Tensor saved;        // [B, S*H] the forward's workspace
-  at::Tensor grad_xg;      // [B, G*H] out: gradient of both pre-activations (RNN, LSTM), of xg (GRU)
-  at::Tensor grad_hg;      // [B, G*H] out (GRU): gradient of hg
-  at::Tensor grad_h_prev;  // [B, H] out (GRU): h_prev's direct path; may alias grad_h_new
-  at::Tensor grad_c_prev;  // [B, H] out (LSTM); may alias grad_c_new
+// A row-major matrix: rows x cols, `stride` elements from one row to the next.
+struct MatrixRef {
+  void* data;
+  int64_t rows, cols, stride;
 };
 
-// out [M, N] = beta * out + a [M, K] @ (transpose_b ? bᵀ : b), b being [N, K] or [K, N].
-// All row-major and contiguous, one dtype; beta 0 ignores out's contents (NaN included).
-// The recurrence calls it twice a step, so the CPU skips ATen's dispatch and calls BLAS.
-using GemmKernel = void (*)(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
-                            bool transpose_b, double beta);
+// A layer's recurrent weight w_hh [G*H, P], prepared once per layer call for step_forward
+// (the CPU packs it for BLAS, split by units across threads; CUDA keeps the tensor).
+struct StepWeights {
+  virtual ~StepWeights() = default;
+};
 
 struct DeviceKernels {
-  void (*forward)(CellKind, const PointwiseForward&) = nullptr;
-  void (*backward)(CellKind, const PointwiseBackward&) = nullptr;
-  GemmKernel gemm = nullptr;
+  // The pointwise forward / backward of B rows (cell_math.h documents every pointer).
+  void (*forward)(CellKind, DataType, const ForwardPointers<void>&) = nullptr;
+  void (*backward)(CellKind, DataType, const BackwardPointers<void>&) = nullptr;
+  // out = beta * out + a @ (transpose_b ? bᵀ : b); beta 0 ignores out's contents (NaN too).
+  void (*gemm)(DataType, MatrixRef out, MatrixRef a, MatrixRef b, bool transpose_b,
+               double beta) = nullptr;
+  // w_hh: [G*H, P] contiguous; batch: the rows of the steps to come (B).
+  std::unique_ptr<StepWeights> (*prepare_step)(CellKind, const at::Tensor& w_hh,
+                                               int64_t batch) = nullptr;
+  // One forward step: p.hg = h_prev [p.rows, P] (contiguous) @ w_hhᵀ, then the pointwise
+  // forward of p (p.hg is its scratch).
+  void (*step_forward)(CellKind, DataType, const StepWeights&, const void* h_prev,
+                       const ForwardPointers<void>& p) = nullptr;
 };
 
 // Called once per device from a static initialiser in that device's source file.
@@ -71,22 +76,37 @@ void visit_cell(CellKind kind, Fn&& fn) {
   }
 }
 
-// Raw pointers of the arguments, nullptr where undefined.
+// ---- building and reading the type-erased arguments ----
+
+inline DataType data_type_of(const at::Tensor& t) { return {t.scalar_type(), t.device()}; }
+
+// Row `row` of a row-major tensor, or null for an undefined one.
+inline void* row_pointer(const at::Tensor& t, int64_t row = 0) {
+  if (!t.defined()) return nullptr;
+  return static_cast<char*>(t.data_ptr()) + row * t.stride(0) * t.element_size();
+}
+
+// Rows [row, row + rows) of a row-major 2-D tensor.
+inline MatrixRef matrix_rows(const at::Tensor& t, int64_t row, int64_t rows) {
+  return {row_pointer(t, row), rows, t.size(1), t.stride(0)};
+}
+inline MatrixRef matrix_of(const at::Tensor& t) { return matrix_rows(t, 0, t.size(0)); }
+
 template <typename scalar_t>
-ForwardPointers<scalar_t> pointers_of(const PointwiseForward& a) {
-  auto in = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
-  auto out = [](const at::Tensor& t) { return t.defined() ? t.mutable_data_ptr<scalar_t>() : nullptr; };
-  return {in(a.xg),      in(a.hg),      in(a.b_ih),    in(a.b_hh),   in(a.h_prev),
-          in(a.c_prev),  out(a.h_new),  out(a.c_new),  out(a.saved), a.h_new.size(1)};
+ForwardPointers<scalar_t> typed(const ForwardPointers<void>& p) {
+  auto in = [](const void* q) { return static_cast<const scalar_t*>(q); };
+  auto out = [](void* q) { return static_cast<scalar_t*>(q); };
+  return {in(p.xg),      in(p.hg),     in(p.b_ih),   in(p.b_hh),    in(p.h_prev), in(p.c_prev),
+          out(p.h_new),  out(p.c_new), out(p.saved), p.rows,        p.hidden};
 }
 
 template <typename scalar_t>
-BackwardPointers<scalar_t> pointers_of(const PointwiseBackward& a) {
-  auto in = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
-  auto out = [](const at::Tensor& t) { return t.defined() ? t.mutable_data_ptr<scalar_t>() : nullptr; };
-  return {in(a.grad_h_new),  in(a.grad_c_new),  in(a.saved),
-          out(a.grad_xg),    out(a.grad_hg),    out(a.grad_h_prev),
-          out(a.grad_c_prev), a.grad_h_new.size(1)};
+BackwardPointers<scalar_t> typed(const BackwardPointers<void>& p) {
+  auto in = [](const void* q) { return static_cast<const scalar_t*>(q); };
+  auto out = [](void* q) { return static_cast<scalar_t*>(q); };
+  return {in(p.grad_h_new),   in(p.grad_h_add),  in(p.grad_c_new),  in(p.saved),
+          out(p.grad_xg),     out(p.grad_hg),    out(p.grad_h_prev), out(p.grad_c_prev),
+          p.rows,             p.hidden};
 }
 
 }  // namespace rnn_ext

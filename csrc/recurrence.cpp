@@ -4,11 +4,12 @@
 // every [N, *] tensor and holds the first batch[t] sequences (longest first), as in
 // torch.nn.utils.rnn.PackedSequence. A padded [T, B] input is the case batch[t] = B.
 //
-// Forward, per step: hg = h[:bs] @ W_hhᵀ (one GEMM into a preallocated buffer), one pointwise
-// kernel updates h[:bs] (and c[:bs]) in place, y[t] = h[:bs]. Rows past bs keep their state, so
-// h ends as each sequence's final state and the reverse direction picks up h0 for sequences that
-// start late. Backward runs the steps in the opposite order with the same in-place scheme for
-// dh (and dc); after the loop, dW_hh = Σ_t dhg[t]ᵀ h_prev[t] is one GEMM over all N rows.
+// Forward, per step: hg = h_prev @ W_hhᵀ (one GEMM into a preallocated buffer) and one pointwise
+// kernel, fused per device (kernels.h: step_forward), write y[t] directly; h_prev is the
+// previous step's rows of y (a contiguous prefix: sequences are sorted longest first), so no
+// state is copied. c is updated in place; rows past bs keep their values. Backward runs the
+// steps in the opposite order, dh (and dc) in place; after the loop, dW_hh = Σ_t dhg[t]ᵀ h_prev[t]
+// is one GEMM over all N rows.
 #include <algorithm>
 #include <vector>
 
@@ -132,39 +133,39 @@ LayerForward run_layer_forward(const char* op, CellKind kind, const Tensor& xg,
   const Tensor hg = at::empty({s.batch, s.gates * s.hidden}, opts);
   const Tensor r = proj ? at::empty({s.batch, s.hidden}, opts) : Tensor();
   Tensor joined;  // [B, P] for a step whose batch outgrows the previous one (packed, reverse)
+  const auto step_weights = kernels.prepare_step(kind, w, s.batch);
 
+  const DataType type = data_type_of(x);
   for (int64_t i = 0; i < steps.count(); ++i) {
     const int64_t t = steps.forward_order(i, reverse);
     const int64_t bs = steps.batch[t], off = steps.offset[t];
     if (bs == 0) continue;
     // The state the step starts from: the previous step's output rows (a contiguous prefix,
     // so no copy), h0 at the first step, or both joined when sequences start late.
-    Tensor h_prev = h_init.narrow(0, 0, bs);
+    const void* h_prev = row_pointer(h_init);
     if (i > 0) {
       const int64_t before = steps.forward_order(i - 1, reverse);
       const int64_t carried = steps.batch[before];
-      const Tensor y_before = out.y.narrow(0, steps.offset[before], std::min(bs, carried));
-      if (bs <= carried) {
-        h_prev = y_before;
-      } else {
+      h_prev = row_pointer(out.y, steps.offset[before]);
+      if (bs > carried) {
         if (!joined.defined()) joined = at::empty({s.batch, s.out}, opts);
-        joined.narrow(0, 0, carried).copy_(y_before);
+        joined.narrow(0, 0, carried).copy_(out.y.narrow(0, steps.offset[before], carried));
         joined.narrow(0, carried, bs - carried).copy_(h_init.narrow(0, carried, bs - carried));
-        h_prev = joined.narrow(0, 0, bs);
+        h_prev = row_pointer(joined);
       }
     }
-    PointwiseForward a;
-    a.xg = x.narrow(0, off, bs);
-    a.hg = hg.narrow(0, 0, bs);
-    kernels.gemm(a.hg, h_prev, w, /*transpose_b=*/true, 0);
-    a.b_hh = bias;
-    a.h_prev = h_prev;
-    if (lstm) a.c_prev = a.c_new = out.c_n.narrow(0, 0, bs);
-    const Tensor y_t = out.y.narrow(0, off, bs);
-    a.h_new = proj ? r.narrow(0, 0, bs) : y_t;
-    if (saves) a.saved = out.saved.narrow(0, off, bs);
-    kernels.forward(kind, a);
-    if (proj) kernels.gemm(y_t, a.h_new, w_proj, /*transpose_b=*/true, 0);
+    void* y_t = row_pointer(out.y, off);
+    void* c = row_pointer(out.c_n);  // null unless LSTM
+    const ForwardPointers<void> p{row_pointer(x, off), row_pointer(hg),  nullptr,
+                                  row_pointer(bias),   h_prev,           c,
+                                  proj ? row_pointer(r) : y_t,           c,
+                                  saves ? row_pointer(out.saved, off) : nullptr,
+                                  bs,                  s.hidden};
+    kernels.step_forward(kind, type, *step_weights, h_prev, p);
+    if (proj) {
+      kernels.gemm(type, {y_t, bs, s.out, s.out}, matrix_rows(r, 0, bs), matrix_of(w_proj),
+                   /*transpose_b=*/true, 0);
+    }
   }
   out.h_n = final_states(out.y, h_init, steps, reverse);
   return out;
@@ -231,29 +232,35 @@ LayerBackward run_layer_backward(const char* op, CellKind kind, const Tensor& gr
   const Tensor dh_all = proj ? at::empty({N, s.out}, opts) : Tensor();
   const Tensor dr = proj ? at::empty({s.batch, s.hidden}, opts) : Tensor();
 
+  const DataType type = data_type_of(gy);
   for (int64_t i = steps.count() - 1; i >= 0; --i) {
     const int64_t t = steps.forward_order(i, reverse);
     const int64_t bs = steps.batch[t], off = steps.offset[t];
     if (bs == 0) continue;
-    const Tensor dh = out.grad_h0.narrow(0, 0, bs);
-    dh.add_(gy.narrow(0, off, bs));
-    PointwiseBackward a;
-    a.grad_h_new = dh;
+    void* dh = row_pointer(out.grad_h0);  // rows [0, bs): the gradient carried from step t+1
+    void* dc = row_pointer(out.grad_c0);  // null unless LSTM
+    // The pointwise backward reads dh + grad_y[t]; with a projection that sum is formed first,
+    // for dW_hr, and dr = (dh + grad_y[t]) @ W_hr is the pointwise step's gradient.
+    const void* grad_h_new = dh;
+    const void* grad_h_add = row_pointer(gy, off);
     if (proj) {
-      dh_all.narrow(0, off, bs).copy_(dh);
-      a.grad_h_new = dr.narrow(0, 0, bs);
-      kernels.gemm(a.grad_h_new, dh, w_proj, /*transpose_b=*/false, 0);
+      const Tensor dh_rows = out.grad_h0.narrow(0, 0, bs);
+      dh_rows.add_(gy.narrow(0, off, bs));
+      dh_all.narrow(0, off, bs).copy_(dh_rows);
+      kernels.gemm(type, matrix_rows(dr, 0, bs), matrix_rows(dh_rows, 0, bs), matrix_of(w_proj),
+                   /*transpose_b=*/false, 0);
+      grad_h_new = row_pointer(dr);
+      grad_h_add = nullptr;
     }
-    if (lstm) a.grad_c_new = a.grad_c_prev = out.grad_c0.narrow(0, 0, bs);
-    a.saved = saved.narrow(0, off, bs);
-    a.grad_xg = out.grad_xg.narrow(0, off, bs);
-    if (gru) {
-      a.grad_hg = grad_hg.narrow(0, off, bs);
-      a.grad_h_prev = dh;
-    }
-    kernels.backward(kind, a);
+    const BackwardPointers<void> p{grad_h_new, grad_h_add, dc,
+                                   row_pointer(saved, off), row_pointer(out.grad_xg, off),
+                                   gru ? row_pointer(grad_hg, off) : nullptr,
+                                   gru ? dh : nullptr, dc,
+                                   bs, s.hidden};
+    kernels.backward(kind, type, p);
     // dh_prev = (GRU: z dh) + dhg @ W_hh; beta 0 discards dh's old contents otherwise.
-    kernels.gemm(dh, grad_hg.narrow(0, off, bs), w, /*transpose_b=*/false, gru ? 1 : 0);
+    kernels.gemm(type, matrix_rows(out.grad_h0, 0, bs), matrix_rows(grad_hg, off, bs),
+                 matrix_of(w), /*transpose_b=*/false, gru ? 1 : 0);
   }
 
   out.grad_w_hh = grad_hg.t().mm(previous_states(y, h0, steps, reverse));
@@ -261,9 +268,10 @@ LayerBackward run_layer_backward(const char* op, CellKind kind, const Tensor& gr
   if (proj) {
     // The projection's input o ⊙ tanh(c'), recomputed from the workspace (i, f, g, o, c).
     const int64_t H = s.hidden;
-    const Tensor w = saved_in;
-    const Tensor c_new = w.narrow(1, H, H) * w.narrow(1, 4 * H, H) + w.narrow(1, 0, H) * w.narrow(1, 2 * H, H);
-    out.grad_w_hr = dh_all.t().mm(w.narrow(1, 3 * H, H) * at::tanh(c_new));
+    const Tensor& ws = saved;
+    const Tensor c_new =
+        ws.narrow(1, H, H) * ws.narrow(1, 4 * H, H) + ws.narrow(1, 0, H) * ws.narrow(1, 2 * H, H);
+    out.grad_w_hr = dh_all.t().mm(ws.narrow(1, 3 * H, H) * at::tanh(c_new));
   } else {
     out.grad_w_hr = at::empty({0}, opts);
   }

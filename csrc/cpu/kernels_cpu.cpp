@@ -1,13 +1,19 @@
-// CPU kernels: the pointwise step (rows split over threads, units of a row in a loop that the
-// compiler vectorises: the gate math is branch-free, see cell_math.h) and the step GEMM.
+// CPU kernels. The pointwise step splits rows (or, inside a fused step, units) over threads;
+// the units of a row run in a loop that the compiler vectorises (the gate math is branch-free,
+// see cell_math.h). The step GEMM calls BLAS directly (blas.h). A fused forward step gives each
+// thread a block of units: it multiplies h_prev by its own packed slice of w_hh (the G gate rows
+// of its units) and runs the pointwise math of those units while their gates are in its cache.
 #include <algorithm>
+#include <vector>
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 
 #include "../kernels.h"
+#include "blas.h"
 
 namespace rnn_ext {
 namespace {
@@ -19,114 +25,164 @@ int64_t grain_rows(int64_t values_per_row) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, values_per_row));
 }
 
+// Rows [b0, b1) x units [j0, j1).
+struct Range {
+  int64_t b0, b1, j0, j1;
+};
+
 template <typename Cell, typename acc_t, int kArgs, typename scalar_t>
-void forward_rows(const ForwardPointers<scalar_t> p, int64_t begin, int64_t end) {
-  for (int64_t b = begin; b < end; ++b) {
+void forward_loop(const ForwardPointers<scalar_t> p, Range r) {
+  for (int64_t b = r.b0; b < r.b1; ++b) {
 #pragma GCC ivdep
-    for (int64_t j = 0; j < p.hidden; ++j) forward_unit<Cell, acc_t, kArgs>(p, b, j);
+    for (int64_t j = r.j0; j < r.j1; ++j) forward_unit<Cell, acc_t, kArgs>(p, b, j);
   }
 }
 
-// forward_rows instantiated for the optional arguments present in `p`.
+// forward_loop instantiated for the optional arguments present in `p`.
 template <typename Cell, typename acc_t, typename scalar_t>
-void forward_rows_for(const ForwardPointers<scalar_t>& p, int64_t begin, int64_t end) {
+void forward_loop_for(const ForwardPointers<scalar_t>& p, Range r) {
   const int args = (p.b_ih ? kBiasIh : 0) | (p.b_hh ? kBiasHh : 0) | (p.saved ? kSaves : 0);
   switch (args) {
-    case 0: return forward_rows<Cell, acc_t, 0>(p, begin, end);
-    case kBiasIh: return forward_rows<Cell, acc_t, kBiasIh>(p, begin, end);
-    case kBiasHh: return forward_rows<Cell, acc_t, kBiasHh>(p, begin, end);
-    case kBiasIh | kBiasHh: return forward_rows<Cell, acc_t, kBiasIh | kBiasHh>(p, begin, end);
-    case kSaves: return forward_rows<Cell, acc_t, kSaves>(p, begin, end);
-    case kSaves | kBiasIh: return forward_rows<Cell, acc_t, kSaves | kBiasIh>(p, begin, end);
-    case kSaves | kBiasHh: return forward_rows<Cell, acc_t, kSaves | kBiasHh>(p, begin, end);
-    default: return forward_rows<Cell, acc_t, kSaves | kBiasIh | kBiasHh>(p, begin, end);
+    case 0: return forward_loop<Cell, acc_t, 0>(p, r);
+    case kBiasIh: return forward_loop<Cell, acc_t, kBiasIh>(p, r);
+    case kBiasHh: return forward_loop<Cell, acc_t, kBiasHh>(p, r);
+    case kBiasIh | kBiasHh: return forward_loop<Cell, acc_t, kBiasIh | kBiasHh>(p, r);
+    case kSaves: return forward_loop<Cell, acc_t, kSaves>(p, r);
+    case kSaves | kBiasIh: return forward_loop<Cell, acc_t, kSaves | kBiasIh>(p, r);
+    case kSaves | kBiasHh: return forward_loop<Cell, acc_t, kSaves | kBiasHh>(p, r);
+    default: return forward_loop<Cell, acc_t, kSaves | kBiasIh | kBiasHh>(p, r);
   }
 }
 
+// The pointwise forward of `p` over one range, on the calling thread.
+void forward_range(CellKind kind, at::ScalarType dtype, const ForwardPointers<void>& p, Range r) {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "rnn_ext_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto q = typed<scalar_t>(p);
+    visit_cell<acc_t>(kind, [&](auto cell) { forward_loop_for<decltype(cell), acc_t>(q, r); });
+  });
+}
+
+void forward_cpu(CellKind kind, DataType type, const ForwardPointers<void>& p) {
+  at::parallel_for(0, p.rows, grain_rows(gates_per_unit(kind) * p.hidden),
+                   [&](int64_t b0, int64_t b1) {
+                     forward_range(kind, type.dtype, p, {b0, b1, 0, p.hidden});
+                   });
+}
+
 template <typename Cell, typename acc_t, typename scalar_t>
-void backward_rows(const BackwardPointers<scalar_t> p, int64_t begin, int64_t end) {
-  for (int64_t b = begin; b < end; ++b) {
+void backward_loop(const BackwardPointers<scalar_t> p, int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
 #pragma GCC ivdep
     for (int64_t j = 0; j < p.hidden; ++j) backward_unit<Cell, acc_t>(p, b, j);
   }
 }
 
-void forward_cpu(CellKind kind, const PointwiseForward& a) {
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, a.h_new.scalar_type(), "rnn_ext_forward_cpu", [&] {
+void backward_cpu(CellKind kind, DataType type, const BackwardPointers<void>& p) {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, type.dtype, "rnn_ext_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto p = pointers_of<scalar_t>(a);
+    const auto q = typed<scalar_t>(p);
     visit_cell<acc_t>(kind, [&](auto cell) {
       using Cell = decltype(cell);
-      at::parallel_for(0, a.h_new.size(0), grain_rows(Cell::kGates * p.hidden),
-                       [&](int64_t begin, int64_t end) { forward_rows_for<Cell, acc_t>(p, begin, end); });
+      at::parallel_for(0, q.rows, grain_rows(Cell::kGates * q.hidden),
+                       [&](int64_t b0, int64_t b1) { backward_loop<Cell, acc_t>(q, b0, b1); });
     });
   });
 }
 
-void backward_cpu(CellKind kind, const PointwiseBackward& a) {
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, a.grad_xg.scalar_type(), "rnn_ext_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto p = pointers_of<scalar_t>(a);
-    visit_cell<acc_t>(kind, [&](auto cell) {
-      using Cell = decltype(cell);
-      at::parallel_for(0, a.grad_xg.size(0), grain_rows(Cell::kGates * p.hidden),
-                       [&](int64_t begin, int64_t end) { backward_rows<Cell, acc_t>(p, begin, end); });
-    });
-  });
+// Row-major view of a MatrixRef, for ATen.
+Tensor as_tensor(MatrixRef m, at::ScalarType dtype) {
+  return at::from_blob(m.data, {m.rows, m.cols}, {m.stride, 1}, at::TensorOptions(dtype));
 }
 
-}  // namespace
-}  // namespace rnn_ext
-
-// The Fortran BLAS that torch's CPU library carries (MKL or OpenBLAS). Weak, so a torch
-// without them still loads this library, and the GEMM then goes through ATen.
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-            const float* beta, float* c, const int* ldc) __attribute__((weak));
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
-            const double* beta, double* c, const int* ldc) __attribute__((weak));
-}
-
-namespace rnn_ext {
-namespace {
-
-template <typename scalar_t, typename Blas>
-void blas_gemm(Blas* blas, const Tensor& out, const Tensor& a, const Tensor& b, bool transpose_b,
-               double beta) {
-  // Column-major BLAS: row-major out = a @ op(b) is column-major outᵀ = op(b)ᵀ @ aᵀ.
-  const int M = static_cast<int>(a.size(0)), K = static_cast<int>(a.size(1));
-  const int N = static_cast<int>(out.size(1));
-  const int ldb = transpose_b ? K : N;
-  const char op_b = transpose_b ? 'T' : 'N', op_a = 'N';
-  const scalar_t alpha_v = 1, beta_v = static_cast<scalar_t>(beta);
-  blas(&op_b, &op_a, &N, &M, &K, &alpha_v, b.const_data_ptr<scalar_t>(), &ldb,
-       a.const_data_ptr<scalar_t>(), &K, &beta_v, out.mutable_data_ptr<scalar_t>(), &N);
-}
-
-// Straight to BLAS where it can (a few microseconds less per call than ATen's mm, which the
-// recurrence calls twice a step), else ATen.
-void gemm_cpu(const Tensor& out, const Tensor& a, const Tensor& b, bool transpose_b, double beta) {
-  if (out.numel() == 0) return;
-  const bool int_sizes = std::max({a.size(0), a.size(1), out.size(1)}) < (int64_t{1} << 31);
-  if (int_sizes && a.size(1) > 0 && out.scalar_type() == at::kFloat && sgemm_ != nullptr) {
-    return blas_gemm<float>(sgemm_, out, a, b, transpose_b, beta);
-  }
-  if (int_sizes && a.size(1) > 0 && out.scalar_type() == at::kDouble && dgemm_ != nullptr) {
-    return blas_gemm<double>(dgemm_, out, a, b, transpose_b, beta);
-  }
-  const Tensor rhs = transpose_b ? b.t() : b;
-  Tensor result = out;
+void gemm_cpu(DataType type, MatrixRef out, MatrixRef a, MatrixRef b, bool transpose_b,
+              double beta) {
+  if (out.rows == 0 || out.cols == 0) return;
+  if (a.cols > 0 && cpu::blas_gemm(type.dtype, out, a, b, transpose_b, beta)) return;
+  const Tensor rhs = transpose_b ? as_tensor(b, type.dtype).t() : as_tensor(b, type.dtype);
+  Tensor result = as_tensor(out, type.dtype);
   if (beta == 0) {
-    at::mm_out(result, a, rhs);
+    at::mm_out(result, as_tensor(a, type.dtype), rhs);
   } else {
-    result.addmm_(a, rhs, beta, 1);
+    result.addmm_(as_tensor(a, type.dtype), rhs, beta, 1);
   }
 }
 
-const bool registered =
-    register_device_kernels(c10::DeviceType::CPU, {forward_cpu, backward_cpu, gemm_cpu});
+// ---- the fused forward step ----
+
+struct CpuStepWeights final : StepWeights {
+  Tensor weight;  // [G*H, P], contiguous
+  int64_t gates = 0, batch = 0;
+  // A thread's units [begin, end) and its packed rows of w_hh: one slice per gate (rows
+  // g*H + [begin, end)), or, for a block of all units, the whole matrix in one.
+  struct Block {
+    int64_t begin = 0, end = 0;
+    std::vector<std::unique_ptr<cpu::PackedWeight>> slices;
+  };
+  std::vector<Block> blocks;  // empty: no packed GEMM here, steps run unfused
+};
+
+// A step's multiply-adds below which one thread does it all (a parallel region costs more).
+constexpr int64_t kParallelStepWork = int64_t{1} << 20;
+
+std::unique_ptr<StepWeights> prepare_step_cpu(CellKind kind, const Tensor& w_hh, int64_t batch) {
+  auto prepared = std::make_unique<CpuStepWeights>();
+  prepared->weight = w_hh.contiguous();
+  prepared->gates = gates_per_unit(kind);
+  prepared->batch = batch;
+  const int64_t G = prepared->gates, H = w_hh.size(0) / G, P = w_hh.size(1);
+  if (w_hh.scalar_type() != at::kFloat || batch == 0) return prepared;
+
+  const int64_t work = batch * G * H * P;
+  const int64_t threads = work < kParallelStepWork ? 1 : at::get_num_threads();
+  const int64_t count = std::clamp<int64_t>(threads, 1, std::max<int64_t>(1, H / 16));
+  const float* w = prepared->weight.const_data_ptr<float>();
+  for (int64_t k = 0; k < count; ++k) {
+    CpuStepWeights::Block block;
+    block.begin = H * k / count;
+    block.end = H * (k + 1) / count;
+    const int64_t units = block.end - block.begin;
+    for (int64_t g = 0; g < (count == 1 ? 1 : G); ++g) {
+      auto slice = cpu::PackedWeight::pack(w + (g * H + block.begin) * P,
+                                           count == 1 ? G * H : units, P, P, batch);
+      if (!slice) {
+        prepared->blocks.clear();
+        return prepared;
+      }
+      block.slices.push_back(std::move(slice));
+    }
+    prepared->blocks.push_back(std::move(block));
+  }
+  return prepared;
+}
+
+void step_forward_cpu(CellKind kind, DataType type, const StepWeights& step, const void* h_prev,
+                      const ForwardPointers<void>& p) {
+  const auto& w = static_cast<const CpuStepWeights&>(step);
+  const int64_t H = p.hidden, P = w.weight.size(1), GH = w.gates * H;
+  // Packed slices fit only the batch they were packed for (a packed sequence's later steps
+  // shrink it): those steps run unfused.
+  if (w.blocks.empty() || p.rows != w.batch) {
+    gemm_cpu(type, {const_cast<void*>(p.hg), p.rows, GH, GH},
+             {const_cast<void*>(h_prev), p.rows, P, P}, matrix_of(w.weight), true, 0);
+    return forward_cpu(kind, type, p);
+  }
+  const float* x = static_cast<const float*>(h_prev);
+  float* hg = static_cast<float*>(const_cast<void*>(p.hg));
+  at::parallel_for(0, static_cast<int64_t>(w.blocks.size()), 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const auto& block = w.blocks[k];
+      for (size_t g = 0; g < block.slices.size(); ++g) {
+        block.slices[g]->multiply(x, P, hg + g * H + block.begin, GH);
+      }
+      forward_range(kind, type.dtype, p, {0, p.rows, block.begin, block.end});
+    }
+  });
+}
+
+const bool registered = register_device_kernels(
+    c10::DeviceType::CPU,
+    {forward_cpu, backward_cpu, gemm_cpu, prepare_step_cpu, step_forward_cpu});
 
 }  // namespace
 }  // namespace rnn_ext

@@ -1,0 +1,89 @@
+#include "blas.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <limits>
+
+
+// Fortran BLAS and MKL's packed-GEMM API, as exported by libtorch_cpu.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b, const int* ldb,
+            const double* beta, double* c, const int* ldc) __attribute__((weak));
+
+// MKL's CBLAS enums (mkl_cblas.h), for the three packed-GEMM entry points.
+enum { kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112, kCblasBMatrix = 162,
+       kCblasPacked = 151 };
+size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
+void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha,
+                      const float* src, int ld, float* dest) __attribute__((weak));
+void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a,
+                         int lda, const float* b, int ldb, float beta, float* c, int ldc)
+    __attribute__((weak));
+}
+
+namespace rnn_ext::cpu {
+namespace {
+
+bool fits_int(std::initializer_list<int64_t> sizes) {
+  return std::all_of(sizes.begin(), sizes.end(), [](int64_t s) {
+    return s > 0 && s <= std::numeric_limits<int>::max();
+  });
+}
+
+template <typename scalar_t, typename Routine>
+void column_major_gemm(Routine* routine, MatrixRef out, MatrixRef a, MatrixRef b, bool transpose_b,
+                       double beta) {
+  // Row-major out = a @ op(b) is column-major outᵀ = op(b)ᵀ @ aᵀ.
+  const int M = static_cast<int>(a.rows), K = static_cast<int>(a.cols);
+  const int N = static_cast<int>(out.cols);
+  const int lda = static_cast<int>(a.stride), ldb = static_cast<int>(b.stride);
+  const int ldc = static_cast<int>(out.stride);
+  const char op_b = transpose_b ? 'T' : 'N', op_a = 'N';
+  const scalar_t alpha_v = 1, beta_v = static_cast<scalar_t>(beta);
+  routine(&op_b, &op_a, &N, &M, &K, &alpha_v, static_cast<const scalar_t*>(b.data), &ldb,
+          static_cast<const scalar_t*>(a.data), &lda, &beta_v, static_cast<scalar_t*>(out.data),
+          &ldc);
+}
+
+}  // namespace
+
+bool blas_gemm(at::ScalarType dtype, MatrixRef out, MatrixRef a, MatrixRef b, bool transpose_b,
+               double beta) {
+  if (!fits_int({a.rows, a.cols, out.cols, a.stride, b.stride, out.stride})) return false;
+  if (dtype == at::kFloat && sgemm_ != nullptr) {
+    column_major_gemm<float>(sgemm_, out, a, b, transpose_b, beta);
+    return true;
+  }
+  if (dtype == at::kDouble && dgemm_ != nullptr) {
+    column_major_gemm<double>(dgemm_, out, a, b, transpose_b, beta);
+    return true;
+  }
+  return false;
+}
+
+std::unique_ptr<PackedWeight> PackedWeight::pack(const float* w, int64_t n, int64_t k,
+                                                 int64_t ldw, int64_t m) {
+  if (cblas_sgemm_pack_get_size == nullptr || cblas_sgemm_pack == nullptr ||
+      cblas_sgemm_compute == nullptr || !fits_int({m, n, k, ldw})) {
+    return nullptr;
+  }
+  const size_t bytes = cblas_sgemm_pack_get_size(kCblasBMatrix, m, n, k);
+  auto* buffer = static_cast<float*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64));
+  if (buffer == nullptr) return nullptr;
+  // B = wᵀ [k, n]: w is stored [n, k] row-major, i.e. B transposed.
+  cblas_sgemm_pack(kCblasRowMajor, kCblasBMatrix, kCblasTrans, m, n, k, 1.0f, w, ldw, buffer);
+  return std::unique_ptr<PackedWeight>(new PackedWeight(buffer, m, n, k));
+}
+
+PackedWeight::~PackedWeight() { std::free(buffer_); }
+
+void PackedWeight::multiply(const float* x, int64_t ldx, float* out, int64_t ldo) const {
+  cblas_sgemm_compute(kCblasRowMajor, kCblasNoTrans, kCblasPacked, m_, n_, k_, x, ldx, buffer_,
+                      n_, 0.0f, out, ldo);
+}
+
+}  // namespace rnn_ext::cpu

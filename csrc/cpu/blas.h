@@ -1,0 +1,42 @@
+// The BLAS inside torch's CPU library (MKL on x86 wheels), called directly: the recurrence runs
+// two small GEMMs a step, where ATen's dispatch costs as much as the arithmetic. Every entry
+// point is a weak symbol, so a torch built without them still loads rnn_ext; callers then fall
+// back to ATen (each function below says how it reports that).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+#include <c10/core/ScalarType.h>
+
+#include "../kernels.h"
+
+namespace rnn_ext::cpu {
+
+// out [M, N] = beta * out + a [M, K] @ (transpose_b ? bᵀ : b); row-major with row strides.
+// Returns false (and does nothing) where no BLAS routine fits: the caller uses ATen.
+bool blas_gemm(at::ScalarType dtype, MatrixRef out, MatrixRef a, MatrixRef b, bool transpose_b,
+               double beta);
+
+// A float32 row-major matrix w [N, K] packed once for many products x [M, K] @ wᵀ with the same
+// M (MKL's packed GEMM: for RNNs, the recurrent weight reused every step).
+class PackedWeight {
+ public:
+  // Null where packed GEMM is unavailable or does not apply (not float32, sizes past int).
+  static std::unique_ptr<PackedWeight> pack(const float* w, int64_t n, int64_t k, int64_t ldw,
+                                            int64_t m);
+  ~PackedWeight();
+  PackedWeight(const PackedWeight&) = delete;
+  PackedWeight& operator=(const PackedWeight&) = delete;
+
+  // out [m, n] (row stride ldo) = x [m, k] (row stride ldx) @ wᵀ, for the m it was packed for.
+  void multiply(const float* x, int64_t ldx, float* out, int64_t ldo) const;
+  int64_t rows() const { return m_; }
+
+ private:
+  PackedWeight(float* buffer, int64_t m, int64_t n, int64_t k) : buffer_(buffer), m_(m), n_(n), k_(k) {}
+  float* buffer_;
+  int64_t m_, n_, k_;
+};
+
+}  // namespace rnn_ext::cpu
