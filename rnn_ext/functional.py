@@ -6,6 +6,9 @@ Cells take torch's arguments (input, hx, w_ih, w_hh, b_ih, b_hh): input [B, I], 
 
 `recurrent_layer` runs one direction of one layer over a time-major packed sequence, and `rnn`
 is the multi-layer, bidirectional stack that the modules call.
+
+Under torch.autocast every function here runs in the autocast dtype (see `_autocast`), on either
+backend; outside it, all tensors of a call must share one dtype.
 """
 
 from __future__ import annotations
@@ -20,6 +23,30 @@ from ._backend import uses_kernels
 _ops = torch.ops.rnn_ext
 
 
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype torch.autocast gives lower-precision ops on x's device; None outside autocast."""
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return None
+
+
+def _autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """`tensors` as torch.autocast's lower-precision ops take them: inside an autocast region for
+    their device, floating tensors other than float64 are cast to the autocast dtype, so that the
+    op (whose kernels compute the gates in float32) sees one dtype and returns that dtype; outside
+    one, unchanged. The casts are differentiable: parameter gradients keep their dtype.
+
+    Cast here rather than with torch.library.register_autocast, which pins one dtype per device,
+    while autocast's dtype is the caller's (CUDA: float16 or bfloat16); this also covers the
+    reference backend (CPU float16, for one, runs there)."""
+    dtype = _autocast_dtype(tensors[0])
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point()
+                 and t.dtype != torch.float64 else t for t in tensors)
+
+
 def _cell_projections(input: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor) -> tuple[Tensor, Tensor]:
     return F.linear(input, w_ih), F.linear(h, w_hh)
 
@@ -27,6 +54,7 @@ def _cell_projections(input: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor) -> t
 def rnn_tanh_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor,
                   b_ih: Tensor | None = None, b_hh: Tensor | None = None) -> Tensor:
     """h' = tanh(W_ih x + b_ih + W_hh h + b_hh); returns h' [B, H]."""
+    input, hx, w_ih, w_hh, b_ih, b_hh = _autocast(input, hx, w_ih, w_hh, b_ih, b_hh)
     if not uses_kernels(input):
         return reference.rnn_tanh_cell(input, hx, w_ih, w_hh, b_ih, b_hh)
     return _ops.rnn_cell_forward(*_cell_projections(input, hx, w_ih, w_hh), b_ih, b_hh, "tanh")
@@ -35,6 +63,7 @@ def rnn_tanh_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor,
 def rnn_relu_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor,
                   b_ih: Tensor | None = None, b_hh: Tensor | None = None) -> Tensor:
     """h' = relu(W_ih x + b_ih + W_hh h + b_hh); returns h' [B, H]."""
+    input, hx, w_ih, w_hh, b_ih, b_hh = _autocast(input, hx, w_ih, w_hh, b_ih, b_hh)
     if not uses_kernels(input):
         return reference.rnn_relu_cell(input, hx, w_ih, w_hh, b_ih, b_hh)
     return _ops.rnn_cell_forward(*_cell_projections(input, hx, w_ih, w_hh), b_ih, b_hh, "relu")
@@ -43,16 +72,18 @@ def rnn_relu_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor,
 def lstm_cell(input: Tensor, hx: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor,
               b_ih: Tensor | None = None, b_hh: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One LSTM step; hx = (h [B, H], c [B, H]); returns (h', c')."""
+    input, h, c, w_ih, w_hh, b_ih, b_hh = _autocast(input, *hx, w_ih, w_hh, b_ih, b_hh)
     if not uses_kernels(input):
-        return reference.lstm_cell(input, hx, w_ih, w_hh, b_ih, b_hh)
-    xg, hg = _cell_projections(input, hx[0], w_ih, w_hh)
-    hy, cy, _ = _ops.lstm_cell_forward(xg, hg, b_ih, b_hh, hx[1])
+        return reference.lstm_cell(input, (h, c), w_ih, w_hh, b_ih, b_hh)
+    xg, hg = _cell_projections(input, h, w_ih, w_hh)
+    hy, cy, _ = _ops.lstm_cell_forward(xg, hg, b_ih, b_hh, c)
     return hy, cy
 
 
 def gru_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor,
              b_ih: Tensor | None = None, b_hh: Tensor | None = None) -> Tensor:
     """One GRU step; returns h' [B, H]."""
+    input, hx, w_ih, w_hh, b_ih, b_hh = _autocast(input, hx, w_ih, w_hh, b_ih, b_hh)
     if not uses_kernels(input):
         return reference.gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh)
     xg, hg = _cell_projections(input, hx, w_ih, w_hh)
@@ -72,6 +103,7 @@ def recurrent_layer(mode: str, x: Tensor, batch_sizes: Tensor, h0: Tensor, c0: T
     x: [N, I] time-major packed rows; batch_sizes: [T] int64 CPU; h0: [B, P]; c0: [B, H] (LSTM);
     w_ih: [G*H, I]; w_hh: [G*H, P]; b_ih, b_hh: [G*H] or None; w_hr: [P, H] or None.
     Returns y [N, P], h_n [B, P], c_n [B, H] (LSTM, else None)."""
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = _autocast(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
     xg = F.linear(x, w_ih, b_ih)  # every step's input projection in one GEMM
     if not uses_kernels(xg):
         return reference.layer_recurrence(mode, xg, w_hh, b_hh, w_hr, h0, c0, batch_sizes, reverse)

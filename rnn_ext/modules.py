@@ -4,6 +4,13 @@ Each class subclasses its torch.nn counterpart, so constructor, parameters (name
 initialisation), state dicts, argument checks and `isinstance` behave exactly as torch.nn's; only
 `forward` is rnn_ext's: it keeps torch.nn's contract (input forms, hx handling, messages) and
 runs the recurrence through rnn_ext.functional.
+
+torch.compile traces every forward here into one graph (fullgraph=True, dynamic sequence lengths,
+PackedSequence input without an explicit hx). Dynamo, though, refuses any instance of nn.RNN,
+nn.LSTM or nn.GRU (an isinstance check, whatever the forward), unless
+`torch._dynamo.config.allow_rnn = True`: set it to compile the layers (the cells need nothing).
+rnn_ext does not set it for you: the flag also makes Dynamo trace torch.nn's own RNNs, which on
+torch 2.14 then fail to compile where they would otherwise fall back to eager.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ class _RecurrentForward:
         layers = self.num_layers * (2 if self.bidirectional else 1)
         return torch.zeros(layers, batch, size, dtype=x.dtype, device=x.device)
 
-    def _check_hx_dims(self, hx, batched: bool) -> None:
+    def _check_hx_dims(self, hx: Tensor | tuple[Tensor, Tensor], batched: bool) -> None:
         """torch.nn's messages for an hx whose dimensionality does not fit the input's."""
         want = 3 if batched else 2
         form = "batched 3-D" if batched else "unbatched 2-D"
@@ -53,7 +60,9 @@ class _RecurrentForward:
             raise RuntimeError(
                 f"For {form} input, hx should also be {want}-D but got {hx.dim()}-D tensor")
 
-    def forward(self, input, hx=None):
+    def forward(self, input: Tensor | PackedSequence,
+                hx: Tensor | tuple[Tensor, Tensor] | None = None
+                ) -> tuple[Tensor | PackedSequence, Tensor | tuple[Tensor, Tensor]]:
         lstm = self.mode == "LSTM"
         out_size = self.proj_size if self.proj_size > 0 else self.hidden_size
         packed = isinstance(input, PackedSequence)
@@ -76,14 +85,18 @@ class _RecurrentForward:
             hx = self._zero_state(x, batch, out_size)
             if lstm:
                 hx = (hx, self._zero_state(x, batch, self.hidden_size))
+            # The states are built to fit: only the input needs checking. (check_forward_args
+            # would read batch_sizes[0] again, which torch.compile cannot prove equal to `batch`.)
+            self.check_input(x, batch_sizes)
         else:
             if not packed:
                 self._check_hx_dims(hx, batched)
                 if not batched:
                     hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1)) if lstm else hx.unsqueeze(1)
             hx = self.permute_hidden(hx, sorted_indices)
-        self.check_forward_args(x, hx, batch_sizes)
-        if x.dtype != self.weight_ih_l0.dtype:
+            self.check_forward_args(x, hx, batch_sizes)
+        # Under autocast mixed dtypes are fine (functional runs the autocast dtype), as in torch.nn.
+        if x.dtype != self.weight_ih_l0.dtype and functional._autocast_dtype(x) is None:
             raise ValueError(
                 f"{type(self).__name__} input dtype ({x.dtype}) does not match weight dtype "
                 f"({self.weight_ih_l0.dtype}). Convert input: input.to({self.weight_ih_l0.dtype}),"
@@ -93,7 +106,9 @@ class _RecurrentForward:
             steps = x.transpose(0, 1) if self.batch_first else x  # [T, B, I]
             if steps.size(0) == 0:
                 raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-            batch_sizes = torch.full((steps.size(0),), steps.size(1), dtype=torch.int64)
+            # on the CPU, as the ops expect, even where torch.set_default_device says otherwise
+            batch_sizes = torch.full((steps.size(0),), steps.size(1), dtype=torch.int64,
+                                     device="cpu")
             x = steps.reshape(-1, steps.size(2))
         h0, c0 = hx if lstm else (hx, None)
         y, h_n, c_n = functional.rnn(
@@ -113,22 +128,56 @@ class _RecurrentForward:
         return output, hidden
 
 
-class RNN(_RecurrentForward, nn.RNN):
+# The layers subclass nn.RNNBase, which holds torch.nn's whole constructor and parameter
+# contract, rather than nn.RNN / nn.LSTM / nn.GRU: Dynamo refuses instances of those three
+# (an isinstance check in torch._dynamo), and torch.compile must trace these modules.
+# Their mode-specific pieces are taken from them unchanged.
+
+_NO_PROJ_MESSAGE = "proj_size argument is only supported for LSTM, not RNN or GRU"
+
+
+class RNN(_RecurrentForward, nn.RNNBase):
     """torch.nn.RNN (tanh or relu) with the recurrence fused in C++/CUDA."""
 
     _input_dims_message = "RNN: Expected input to be 2D or 3D, got {}D tensor instead"
 
+    def __init__(self, *args, **kwargs):
+        # torch.nn.RNN's signature: nonlinearity is the fourth positional argument.
+        if "proj_size" in kwargs:
+            raise ValueError(_NO_PROJ_MESSAGE)
+        if len(args) > 3:
+            nonlinearity, args = args[3], args[:3] + args[4:]
+        else:
+            nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        modes = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
+        if nonlinearity not in modes:
+            raise ValueError(
+                f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+        self.nonlinearity = nonlinearity
+        super().__init__(modes[nonlinearity], *args, **kwargs)
 
-class LSTM(_RecurrentForward, nn.LSTM):
+
+class LSTM(_RecurrentForward, nn.RNNBase):
     """torch.nn.LSTM (with proj_size) with the recurrence fused in C++/CUDA."""
 
     _input_dims_message = "LSTM: Expected input to be 2D or 3D, got {}D instead"
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
 
 
-class GRU(_RecurrentForward, nn.GRU):
+class GRU(_RecurrentForward, nn.RNNBase):
     """torch.nn.GRU with the recurrence fused in C++/CUDA."""
 
     _input_dims_message = "GRU: Expected input to be 2D or 3D, got {}D instead"
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError(_NO_PROJ_MESSAGE)
+        super().__init__("GRU", *args, **kwargs)
 
 
 # ------------------------------------------------------------------------------------- cells
@@ -157,7 +206,7 @@ def _check_cell_args(cell: nn.RNNCellBase, input: Tensor, states: tuple[Tensor, 
             raise RuntimeError(f"hidden{index} has inconsistent hidden_size: got "
                                f"{state.size(-1)}, expected {cell.hidden_size}")
     for tensor in (input, *states):
-        if tensor.dtype != cell.weight_ih.dtype:
+        if tensor.dtype != cell.weight_ih.dtype and functional._autocast_dtype(input) is None:
             raise RuntimeError(f"{name}: expected dtype {cell.weight_ih.dtype} for the input "
                                f"and hidden states, got {tensor.dtype}")
 

@@ -383,7 +383,7 @@ def test_parameters_match_torch_nn(mode, kwargs):
     ref = ref_cls(I, H, **extra, **kwargs)
     torch.manual_seed(3)
     ext = ext_cls(I, H, **extra, **kwargs)
-    assert isinstance(ext, ref_cls)
+    assert isinstance(ext, nn.RNNBase)
     assert ext.mode == ref.mode
     ref_named = [(n, p.shape) for n, p in ref.named_parameters()]
     ext_named = [(n, p.shape) for n, p in ext.named_parameters()]
@@ -433,11 +433,12 @@ def test_parameter_replacement_is_used():
 
 
 def test_isinstance():
-    assert isinstance(rnn_ext.LSTM(I, H), nn.LSTM)
-    assert isinstance(rnn_ext.GRU(I, H), nn.GRU)
-    assert isinstance(rnn_ext.RNN(I, H), nn.RNN)
-    assert isinstance(rnn_ext.RNN(I, H), nn.RNNBase)
+    # nn.RNNBase, not nn.RNN/LSTM/GRU: Dynamo refuses instances of those three (see modules.py).
+    for layer in (rnn_ext.LSTM(I, H), rnn_ext.GRU(I, H), rnn_ext.RNN(I, H)):
+        assert isinstance(layer, nn.RNNBase)
+        assert not isinstance(layer, (nn.RNN, nn.LSTM, nn.GRU))
     assert rnn_ext.RNN(I, H, nonlinearity="relu").mode == "RNN_RELU"
+    assert rnn_ext.RNN(I, H, 1, "relu").nonlinearity == "relu"
 
 
 CONSTRUCTOR_ERRORS = [
