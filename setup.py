@@ -65,6 +65,8 @@ ext = extension(
     "rnn_ext._C",
     sources,
     include_dirs=include_dirs,
+    # the headers, so that an sdist carries them (a wheel built from the sdist needs them)
+    depends=sorted(glob.glob(os.path.join("csrc", "**", "*.h"), recursive=True)),
     extra_compile_args=extra_compile_args,
     extra_link_args=["-fopenmp"],
     define_macros=[("RNN_EXT_WITH_CUDA", "1" if with_cuda else "0")],

@@ -1,16 +1,12 @@
 """Drop-in replacements for torch.nn's recurrent modules.
 
-Each class subclasses its torch.nn counterpart, so constructor, parameters (names, shapes,
-initialisation), state dicts, argument checks and `isinstance` behave exactly as torch.nn's; only
-`forward` is rnn_ext's: it keeps torch.nn's contract (input forms, hx handling, messages) and
-runs the recurrence through rnn_ext.functional.
+The cells subclass their torch.nn counterparts and the layers subclass nn.RNNBase (see below),
+so constructor, parameters (names, shapes, initialisation), state dicts and argument checks are
+exactly torch.nn's; only `forward` is rnn_ext's: it keeps torch.nn's contract (input forms, hx
+handling, messages) and runs the recurrence through rnn_ext.functional.
 
 torch.compile traces every forward here into one graph (fullgraph=True, dynamic sequence lengths,
-PackedSequence input without an explicit hx). Dynamo, though, refuses any instance of nn.RNN,
-nn.LSTM or nn.GRU (an isinstance check, whatever the forward), unless
-`torch._dynamo.config.allow_rnn = True`: set it to compile the layers (the cells need nothing).
-rnn_ext does not set it for you: the flag also makes Dynamo trace torch.nn's own RNNs, which on
-torch 2.14 then fail to compile where they would otherwise fall back to eager.
+PackedSequence input without an explicit hx).
 """
 
 from __future__ import annotations
