@@ -22,12 +22,16 @@ Cases (see cases.py)
     backward of the sum of the outputs, gradients zeroed with set_to_none before each step).
 Same work for everyone
     The rnn_ext module loads the torch.nn module's state_dict; all contenders take the same
-    input tensors. Before timing, each contender's forward output is compared with torch.nn's;
+    input tensors. Once per case each contender's forward output is compared with torch.nn's;
     the largest difference is kept in the JSON and a stderr warning flags a large one.
 Interleaved timing in one process
-    After warm-up, each repeat times every contender once, in an order that rotates from one
-    repeat to the next, so that drifts of the machine's speed (other jobs on a shared host,
-    clocks) hit all contenders alike; a contender's figure is its median over the repeats.
+    After warm-up (2 untimed calls per contender; 1 with --quick), each of the repeats (15; 3
+    with --quick) times every contender once, in an order that rotates from one repeat to the
+    next, so that drifts of the machine's speed (other jobs on a shared host, clocks) hit all
+    contenders alike; a contender's figure is its median over the repeats (the JSON keeps every
+    sample and the minimum too). On a CPU that other jobs share, multi-threaded timings suffer
+    most (a thread that loses its core stalls the others at the next barrier): the load average
+    at start and end goes into the JSON, and a warning says when the cores were busy.
     One sample is `number` back-to-back calls, with `number` chosen at warm-up (the same for
     every contender of a case) so that a sample of the fastest lasts at least MIN_SAMPLE_S:
     single cell steps are too short to time one at a time. CPU samples use
@@ -36,10 +40,11 @@ Interleaved timing in one process
 Derived figures
     speedup vs X = X's median / rnn_ext's median (above 1: rnn_ext is faster). FLOPs of one call:
     forward 2*T*B*G*H*(I+H) with G = 1, 4, 3 gates (RNN, LSTM, GRU), training 3x forward, a cell
-    T = 1; rnn_ext GFLOP/s is that over its median. "% of GEMM" sets it against the measured rate
-    of one torch.mm on the same device and dtype, of the medium LSTM input projection's shape
-    ([T*B, I] x [I, 4H] = [3200, 256] x [256, 1024]): an achievable ceiling, far above what the
-    small recurrent GEMMs ([B, H] x [H, G*H] per step) can reach.
+    T = 1; rnn_ext GFLOP/s is that over its median. "% of GEMM" sets it against the peak rate
+    measured at start (fastest of 10 samples) of one torch.mm on the same device and dtype, of
+    the medium LSTM input projection's shape ([T*B, I] x [I, 4H] = [3200, 256] x [256, 1024]):
+    an achievable ceiling, far above what the small recurrent GEMMs ([B, H] x [H, G*H] per step)
+    can reach.
 Failures and skips
     A contender that raises (e.g. a dtype a torch.nn backend lacks) shows as "fails (reason)" and
     the run goes on. On CPU the reference is skipped in training at the fastrnns shape (its
@@ -75,10 +80,10 @@ from .cases import DTYPES, KINDS, MODES, PASSES, SHAPES, Case, build_case, first
 
 CONTENDERS = ("rnn_ext", "torch.nn", "reference")
 MIN_SAMPLE_S = 2e-3  # shortest sample (back-to-back calls) worth timing
-WARMUP_CALLS = 2     # untimed calls per contender before a case's repeats
 MAX_NUMBER = 1000    # cap on calls per sample
 GEMM_SHAPE = (100 * 32, 256, 4 * 256)  # M, K, N: the medium LSTM input projection
-QUICK = {"shapes": "small,medium", "dtypes": "float32", "repeats": 5}
+DEFAULTS = {"repeats": 15, "warmup": 2}  # timed samples, untimed calls per contender and case
+QUICK = {"shapes": "small,medium", "dtypes": "float32", "repeats": 3, "warmup": 1}
 MODE_NAMES = {"rnn": "RNN(tanh)", "lstm": "LSTM", "gru": "GRU"}
 
 
@@ -129,14 +134,15 @@ def _calls_per_sample(seconds: float) -> int:
     return max(1, min(MAX_NUMBER, math.ceil(MIN_SAMPLE_S / max(seconds, 1e-9))))
 
 
-def interleaved(fns: dict, timer: Timer, repeats: int) -> tuple[dict, dict, int]:
-    """Times every callable of `fns` (name -> fn) interleaved. Returns (name -> samples in
-    seconds per call, name -> failure reason, calls per sample). A callable that raises in
-    warm-up or timing is dropped with its reason."""
+def interleaved(fns: dict, timer: Timer, repeats: int, warmup: int
+                ) -> tuple[dict, dict, int]:
+    """Times every callable of `fns` (name -> fn) interleaved, after `warmup` (at least one)
+    untimed calls each. Returns (name -> samples in seconds per call, name -> failure reason,
+    calls per sample). A callable that raises in warm-up or timing is dropped with its reason."""
     failed, warm = {}, {}
     for name, fn in fns.items():
         try:
-            for _ in range(WARMUP_CALLS):
+            for _ in range(max(1, warmup)):
                 warm[name] = timer(fn, 1)
         except Exception as error:  # noqa: BLE001 - any failure is a result to report
             failed[name] = _short(error)
@@ -156,17 +162,18 @@ def interleaved(fns: dict, timer: Timer, repeats: int) -> tuple[dict, dict, int]
     return samples, failed, number
 
 
-def measure_gemm(device: torch.device, dtype: torch.dtype, timer: Timer, repeats: int
+def measure_gemm(device: torch.device, dtype: torch.dtype, timer: Timer
                  ) -> float | None:
-    """GFLOP/s of torch.mm at GEMM_SHAPE on this device and dtype (median over repeats); None
-    if torch.mm fails there."""
+    """Peak GFLOP/s of torch.mm at GEMM_SHAPE on this device and dtype: the fastest of 10
+    samples (a ceiling, so the best the machine gave, not its median); None if torch.mm fails
+    there."""
     m, k, n = GEMM_SHAPE
     a = torch.randn(m, k, device=device).to(dtype)
     b = torch.randn(k, n, device=device).to(dtype)
-    samples, failed, _ = interleaved({"mm": lambda: torch.mm(a, b)}, timer, max(repeats, 5))
+    samples, failed, _ = interleaved({"mm": lambda: torch.mm(a, b)}, timer, 10, 2)
     if failed:
         return None
-    return 2.0 * m * k * n / statistics.median(samples["mm"]) / 1e9
+    return 2.0 * m * k * n / min(samples["mm"]) / 1e9
 
 
 def _agreement(case: Case, modules: dict, inputs: tuple) -> dict:
@@ -184,7 +191,7 @@ def _agreement(case: Case, modules: dict, inputs: tuple) -> dict:
             for name, out in outputs.items() if name != "torch.nn"}
 
 
-def run_case(case: Case, device: torch.device, timer: Timer, repeats: int,
+def run_case(case: Case, device: torch.device, timer: Timer, repeats: int, warmup: int,
              contenders: list[str]) -> dict:
     """Times one case; returns its JSON record."""
     theirs, ours, inputs = build_case(case, device)
@@ -199,7 +206,7 @@ def run_case(case: Case, device: torch.device, timer: Timer, repeats: int,
         return fn
 
     samples, failed, number = interleaved(
-        {name: call(*modules[name]) for name in contenders}, timer, repeats)
+        {name: call(*modules[name]) for name in contenders}, timer, repeats, warmup)
     diffs = _agreement(case, modules, inputs)
     record = {
         "kind": case.kind, "mode": case.mode, "shape": case.shape, "dtype": case.dtype,
@@ -213,6 +220,7 @@ def run_case(case: Case, device: torch.device, timer: Timer, repeats: int,
         if name in samples and samples[name]:
             record["contenders"][name] = {
                 "status": "ok", "median_ms": statistics.median(samples[name]) * 1e3,
+                "min_ms": min(samples[name]) * 1e3,
                 "samples_ms": [s * 1e3 for s in samples[name]]}
         elif name in failed:
             record["contenders"][name] = {"status": "fails", "reason": failed[name]}
@@ -251,7 +259,7 @@ def _cell(record: dict, name: str) -> str:
     return "skipped"
 
 
-def markdown_table(records: list[dict], gemm: dict) -> str:
+def markdown_table(records: list[dict], gemm: dict, info: dict) -> str:
     header = ("kind", "mode", "shape", "dtype", "pass", "rnn_ext ms", "torch.nn ms",
               "reference ms", "speedup vs torch.nn", "speedup vs reference", "rnn_ext GFLOP/s",
               "% of GEMM")
@@ -275,7 +283,10 @@ def markdown_table(records: list[dict], gemm: dict) -> str:
         lines.append("| " + " | ".join(row) + " |")
     rates = ", ".join(f"{dtype} {_rate(value)}" for dtype, value in gemm.items())
     lines.append("")
-    lines.append(f"GEMM rate (torch.mm {GEMM_SHAPE[0]}x{GEMM_SHAPE[1]} @ "
+    lines.append(f"{info['device_name']}, {info['threads']} threads, torch {info['torch']}, "
+                 f"{info['date']}; load average {info['load_average_at_start'][0]:.1f} at "
+                 f"start, {info['load_average_at_end'][0]:.1f} at end ({info['cpu_count']} CPUs). "
+                 f"Peak GEMM rate (torch.mm {GEMM_SHAPE[0]}x{GEMM_SHAPE[1]} @ "
                  f"{GEMM_SHAPE[1]}x{GEMM_SHAPE[2]}), GFLOP/s: {rates}. "
                  "Speedup = other's median / rnn_ext's median.")
     lines.extend(sorted(set(notes)))
@@ -369,14 +380,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="torch.set_num_threads (default 2 on CPU, torch's default on CUDA)")
     parser.add_argument("--quick", action="store_true",
                         help=f"short subset: {QUICK['shapes']}, {QUICK['dtypes']}, "
-                             f"{QUICK['repeats']} repeats (explicit options still win)")
+                             f"{QUICK['repeats']} repeats, {QUICK['warmup']} warm-up call "
+                             "(explicit options still win)")
     parser.add_argument("--modes", help=f"comma list of {','.join(MODES)} (default all)")
     parser.add_argument("--shapes", help=f"comma list of {','.join(SHAPES)} (default all)")
     parser.add_argument("--dtypes", help="comma list of float32,bfloat16,float16 (default "
                                          "float32,bfloat16; float16 too on CUDA)")
     parser.add_argument("--kinds", help="comma list of layer,cell (default both)")
     parser.add_argument("--passes", help="comma list of inference,training (default both)")
-    parser.add_argument("--repeats", type=int, help="timed samples per contender (default 15)")
+    parser.add_argument("--repeats", type=int, help="timed samples per contender (default "
+                                                     f"{DEFAULTS['repeats']})")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"),
                         help="directory for the JSON, markdown and PNG results")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference contender")
@@ -404,7 +417,8 @@ def main(argv=None) -> int:
     dtypes = _choices(args.dtypes or quick.get("dtypes", default_dtypes), DTYPES, "--dtypes")
     kinds = _choices(args.kinds or ",".join(KINDS), KINDS, "--kinds")
     passes = _choices(args.passes or ",".join(PASSES), PASSES, "--passes")
-    repeats = args.repeats or quick.get("repeats", 15)
+    repeats = args.repeats or quick.get("repeats", DEFAULTS["repeats"])
+    warmup = quick.get("warmup", DEFAULTS["warmup"])
 
     timer = Timer(device)
     info = machine_info(device)
@@ -416,7 +430,7 @@ def main(argv=None) -> int:
                   "(multi-threaded ones most) will be noisy")
     gemm = {}
     for dtype in dtypes:
-        gemm[dtype] = measure_gemm(device, DTYPES[dtype], timer, repeats)
+        gemm[dtype] = measure_gemm(device, DTYPES[dtype], timer)
         _progress(f"GEMM rate {dtype}: {_rate(gemm[dtype])} GFLOP/s")
 
     cases = [Case(kind, mode, shape, dtype, pass_) for kind in kinds for mode in modes
@@ -428,7 +442,7 @@ def main(argv=None) -> int:
             args.no_reference or (args.device == "cpu" and case.shape == "fastrnns"
                                   and case.pass_ == "training" and not args.slow_reference)))]
         begin = time.perf_counter()
-        record = run_case(case, device, timer, repeats, contenders)
+        record = run_case(case, device, timer, repeats, warmup, contenders)
         records.append(record)
         summary = ", ".join(f"{name} {_cell(record, name)}" for name in CONTENDERS)
         _progress(f"[{index}/{len(cases)}] {case.label()}: {summary} "
@@ -437,18 +451,18 @@ def main(argv=None) -> int:
             if diff > (1e-3 if case.dtype == "float32" else 0.1):
                 _progress(f"WARNING: {case.label()}: {name} differs from torch.nn by {diff:.3g}")
 
-    table = markdown_table(records, gemm)
-    print(table)
     wall = time.perf_counter() - started
+    info["load_average_at_end"] = os.getloadavg()
+    table = markdown_table(records, gemm, info)
+    print(table)
 
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{args.device}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
     settings = {"modes": modes, "shapes": shapes, "dtypes": dtypes, "kinds": kinds,
-                "passes": passes, "repeats": repeats, "warmup_calls": WARMUP_CALLS,
+                "passes": passes, "repeats": repeats, "warmup_calls": warmup,
                 "min_sample_s": MIN_SAMPLE_S, "quick": args.quick,
                 "no_reference": args.no_reference, "slow_reference": args.slow_reference,
                 "argv": sys.argv[1:] if argv is None else list(argv)}
-    info["load_average_at_end"] = os.getloadavg()
     result = {"machine": info, "settings": settings,
               "gemm": {"shape_mkn": GEMM_SHAPE, "gflops": gemm},
               "wall_s": wall, "results": records}

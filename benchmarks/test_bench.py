@@ -7,13 +7,16 @@ Run on demand from the repository root:
 It is not part of the test run (`python -m pytest tests`; pyproject's testpaths is tests/).
 Cells and layers of RNN (tanh), LSTM and GRU, forward (inference, torch.no_grad) and
 forward+backward (a training step, see cases.step), at the small and medium shapes in float32,
-on CPU (2 threads) and on CUDA when present. Each benchmark group is one case, so the table
+on CPU and on CUDA when present. CPU benchmarks use 2 threads, or RNN_EXT_BENCH_THREADS (on a
+CPU that other jobs share, 1 thread gives far steadier figures). Each benchmark group is one case, so the table
 shows the rnn_ext and torch.nn rows of a case next to each other; both run the same weights on
 the same inputs (cases.build_case). On CUDA every call ends with a synchronisation. For
 interleaved medians, the reference backend and GFLOP/s figures, use `python -m benchmarks.run`.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -29,9 +32,9 @@ pytestmark = pytest.mark.benchmark(max_time=0.3, min_rounds=5, warmup=True, warm
 
 @pytest.fixture(autouse=True, scope="module")
 def _threads():
-    """Two CPU threads, as in benchmarks.run, restored afterwards."""
+    """CPU threads as in benchmarks.run (2 unless RNN_EXT_BENCH_THREADS), restored afterwards."""
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(os.environ.get("RNN_EXT_BENCH_THREADS", "2")))
     yield
     torch.set_num_threads(before)
 

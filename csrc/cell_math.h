@@ -97,7 +97,8 @@ struct RnnCellMath {
   RNN_EXT_HD static void backward(T dh_new, T /*dc_new*/, const T* saved, T* dx, T* /*dh*/,
                                   T& dh_prev, T& /*dc_prev*/) {
     const T y = saved[0];
-    dx[0] = kRelu ? (y > T(0) ? dh_new : T(0)) : dh_new * (T(1) - y * y);
+    // relu: zero where y <= 0, so a NaN output passes the gradient on, as torch's relu does
+    dx[0] = kRelu ? (y <= T(0) ? T(0) : dh_new) : dh_new * (T(1) - y * y);
     dh_prev = T(0);
   }
 };
