@@ -173,7 +173,7 @@ LayerForward run_layer_forward(const char* op, CellKind kind, const Tensor& xg,
 
 // [N, P]: the state each row's step started from (y of the step before it, or h0).
 Tensor previous_states(const Tensor& y, const Tensor& h0, const Steps& steps, bool reverse) {
-  Tensor prev = at::empty_like(y);
+  Tensor prev = at::empty(y.sizes(), y.options());  // row-major whatever y is: a fixed summation order
   for (int64_t t = 0; t < steps.count(); ++t) {
     const int64_t bs = steps.batch[t], off = steps.offset[t];
     const int64_t before = reverse ? t + 1 : t - 1;
