@@ -38,11 +38,13 @@ struct MatrixRef {
   int64_t rows, cols, stride;
 };
 
-// A layer's recurrent weight w_hh [G*H, P], prepared once per layer call for step_forward
-// (the CPU packs it for BLAS, split by units across threads; CUDA keeps the tensor).
+// A layer's recurrent weight w_hh [G*H, P], prepared once per layer call for the steps of its
+// forward (step_forward) or of its backward (step_backward_gemm): the CPU packs it for BLAS
+// (split by units across threads for the forward); CUDA keeps the tensor.
 struct StepWeights {
   virtual ~StepWeights() = default;
 };
+enum class StepPass { kForward, kBackward };
 
 struct DeviceKernels {
   // The pointwise forward / backward of B rows (cell_math.h documents every pointer).
@@ -52,12 +54,15 @@ struct DeviceKernels {
   void (*gemm)(DataType, MatrixRef out, MatrixRef a, MatrixRef b, bool transpose_b,
                double beta) = nullptr;
   // w_hh: [G*H, P] contiguous; batch: the rows of the steps to come (B).
-  std::unique_ptr<StepWeights> (*prepare_step)(CellKind, const at::Tensor& w_hh,
+  std::unique_ptr<StepWeights> (*prepare_step)(CellKind, StepPass, const at::Tensor& w_hh,
                                                int64_t batch) = nullptr;
   // One forward step: p.hg = h_prev [p.rows, P] (contiguous) @ w_hhᵀ, then the pointwise
   // forward of p (p.hg is its scratch).
   void (*step_forward)(CellKind, DataType, const StepWeights&, const void* h_prev,
                        const ForwardPointers<void>& p) = nullptr;
+  // One backward step's GEMM: dh [rows, P] = beta * dh + dgates [rows, G*H] @ w_hh.
+  void (*step_backward_gemm)(DataType, const StepWeights&, MatrixRef dh, MatrixRef dgates,
+                             double beta) = nullptr;
 };
 
 // Called once per device from a static initialiser in that device's source file.

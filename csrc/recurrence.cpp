@@ -133,7 +133,7 @@ LayerForward run_layer_forward(const char* op, CellKind kind, const Tensor& xg,
   const Tensor hg = at::empty({s.batch, s.gates * s.hidden}, opts);
   const Tensor r = proj ? at::empty({s.batch, s.hidden}, opts) : Tensor();
   Tensor joined;  // [B, P] for a step whose batch outgrows the previous one (packed, reverse)
-  const auto step_weights = kernels.prepare_step(kind, w, s.batch);
+  const auto step_weights = kernels.prepare_step(kind, StepPass::kForward, w, s.batch);
 
   const DataType type = data_type_of(x);
   for (int64_t i = 0; i < steps.count(); ++i) {
@@ -233,6 +233,7 @@ LayerBackward run_layer_backward(const char* op, CellKind kind, const Tensor& gr
   const Tensor dr = proj ? at::empty({s.batch, s.hidden}, opts) : Tensor();
 
   const DataType type = data_type_of(gy);
+  const auto step_weights = kernels.prepare_step(kind, StepPass::kBackward, w, s.batch);
   for (int64_t i = steps.count() - 1; i >= 0; --i) {
     const int64_t t = steps.forward_order(i, reverse);
     const int64_t bs = steps.batch[t], off = steps.offset[t];
@@ -259,8 +260,8 @@ LayerBackward run_layer_backward(const char* op, CellKind kind, const Tensor& gr
                                    bs, s.hidden};
     kernels.backward(kind, type, p);
     // dh_prev = (GRU: z dh) + dhg @ W_hh; beta 0 discards dh's old contents otherwise.
-    kernels.gemm(type, matrix_rows(out.grad_h0, 0, bs), matrix_rows(grad_hg, off, bs),
-                 matrix_of(w), /*transpose_b=*/false, gru ? 1 : 0);
+    kernels.step_backward_gemm(type, *step_weights, matrix_rows(out.grad_h0, 0, bs),
+                               matrix_rows(grad_hg, off, bs), gru ? 1 : 0);
   }
 
   out.grad_w_hh = grad_hg.t().mm(previous_states(y, h0, steps, reverse));

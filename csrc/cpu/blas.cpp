@@ -66,7 +66,7 @@ bool blas_gemm(at::ScalarType dtype, MatrixRef out, MatrixRef a, MatrixRef b, bo
 }
 
 std::unique_ptr<PackedWeight> PackedWeight::pack(const float* w, int64_t n, int64_t k,
-                                                 int64_t ldw, int64_t m) {
+                                                 int64_t ldw, int64_t m, bool transposed) {
   if (cblas_sgemm_pack_get_size == nullptr || cblas_sgemm_pack == nullptr ||
       cblas_sgemm_compute == nullptr || !fits_int({m, n, k, ldw})) {
     return nullptr;
@@ -74,16 +74,17 @@ std::unique_ptr<PackedWeight> PackedWeight::pack(const float* w, int64_t n, int6
   const size_t bytes = cblas_sgemm_pack_get_size(kCblasBMatrix, m, n, k);
   auto* buffer = static_cast<float*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64));
   if (buffer == nullptr) return nullptr;
-  // B = wᵀ [k, n]: w is stored [n, k] row-major, i.e. B transposed.
-  cblas_sgemm_pack(kCblasRowMajor, kCblasBMatrix, kCblasTrans, m, n, k, 1.0f, w, ldw, buffer);
+  cblas_sgemm_pack(kCblasRowMajor, kCblasBMatrix, transposed ? kCblasTrans : kCblasNoTrans, m, n,
+                   k, 1.0f, w, ldw, buffer);
   return std::unique_ptr<PackedWeight>(new PackedWeight(buffer, m, n, k));
 }
 
 PackedWeight::~PackedWeight() { std::free(buffer_); }
 
-void PackedWeight::multiply(const float* x, int64_t ldx, float* out, int64_t ldo) const {
+void PackedWeight::multiply(const float* x, int64_t ldx, float* out, int64_t ldo,
+                            float beta) const {
   cblas_sgemm_compute(kCblasRowMajor, kCblasNoTrans, kCblasPacked, m_, n_, k_, x, ldx, buffer_,
-                      n_, 0.0f, out, ldo);
+                      n_, beta, out, ldo);
 }
 
 }  // namespace rnn_ext::cpu

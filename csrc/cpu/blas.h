@@ -18,19 +18,21 @@ namespace rnn_ext::cpu {
 bool blas_gemm(at::ScalarType dtype, MatrixRef out, MatrixRef a, MatrixRef b, bool transpose_b,
                double beta);
 
-// A float32 row-major matrix w [N, K] packed once for many products x [M, K] @ wᵀ with the same
-// M (MKL's packed GEMM: for RNNs, the recurrent weight reused every step).
+// A float32 row-major matrix packed once for many products x [M, K] @ B with the same M (MKL's
+// packed GEMM: for RNNs, the recurrent weight reused every step). B is wᵀ for w [N, K]
+// (`transposed`), else w [K, N] itself.
 class PackedWeight {
  public:
-  // Null where packed GEMM is unavailable or does not apply (not float32, sizes past int).
+  // Null where packed GEMM is unavailable or does not apply (sizes past int).
   static std::unique_ptr<PackedWeight> pack(const float* w, int64_t n, int64_t k, int64_t ldw,
-                                            int64_t m);
+                                            int64_t m, bool transposed);
   ~PackedWeight();
   PackedWeight(const PackedWeight&) = delete;
   PackedWeight& operator=(const PackedWeight&) = delete;
 
-  // out [m, n] (row stride ldo) = x [m, k] (row stride ldx) @ wᵀ, for the m it was packed for.
-  void multiply(const float* x, int64_t ldx, float* out, int64_t ldo) const;
+  // out [m, n] (row stride ldo) = beta * out + x [m, k] (row stride ldx) @ B, for the m it was
+  // packed for.
+  void multiply(const float* x, int64_t ldx, float* out, int64_t ldo, float beta = 0) const;
   int64_t rows() const { return m_; }
 
  private:

@@ -119,19 +119,26 @@ struct CpuStepWeights final : StepWeights {
     int64_t begin = 0, end = 0;
     std::vector<std::unique_ptr<cpu::PackedWeight>> slices;
   };
-  std::vector<Block> blocks;  // empty: no packed GEMM here, steps run unfused
+  std::vector<Block> blocks;  // forward: empty where no packed GEMM, steps then run unfused
+  std::unique_ptr<cpu::PackedWeight> backward;  // backward: w_hh packed as is, or null
 };
 
 // A step's multiply-adds below which one thread does it all (a parallel region costs more).
 constexpr int64_t kParallelStepWork = int64_t{1} << 20;
 
-std::unique_ptr<StepWeights> prepare_step_cpu(CellKind kind, const Tensor& w_hh, int64_t batch) {
+std::unique_ptr<StepWeights> prepare_step_cpu(CellKind kind, StepPass pass, const Tensor& w_hh,
+                                              int64_t batch) {
   auto prepared = std::make_unique<CpuStepWeights>();
   prepared->weight = w_hh.contiguous();
   prepared->gates = gates_per_unit(kind);
   prepared->batch = batch;
   const int64_t G = prepared->gates, H = w_hh.size(0) / G, P = w_hh.size(1);
   if (w_hh.scalar_type() != at::kFloat || batch == 0) return prepared;
+  if (pass == StepPass::kBackward) {
+    prepared->backward = cpu::PackedWeight::pack(prepared->weight.const_data_ptr<float>(), P,
+                                                 G * H, P, batch, /*transposed=*/false);
+    return prepared;
+  }
 
   const int64_t work = batch * G * H * P;
   const int64_t threads = work < kParallelStepWork ? 1 : at::get_num_threads();
@@ -144,7 +151,8 @@ std::unique_ptr<StepWeights> prepare_step_cpu(CellKind kind, const Tensor& w_hh,
     const int64_t units = block.end - block.begin;
     for (int64_t g = 0; g < (count == 1 ? 1 : G); ++g) {
       auto slice = cpu::PackedWeight::pack(w + (g * H + block.begin) * P,
-                                           count == 1 ? G * H : units, P, P, batch);
+                                           count == 1 ? G * H : units, P, P, batch,
+                                           /*transposed=*/true);
       if (!slice) {
         prepared->blocks.clear();
         return prepared;
@@ -180,9 +188,19 @@ void step_forward_cpu(CellKind kind, DataType type, const StepWeights& step, con
   });
 }
 
+void step_backward_gemm_cpu(DataType type, const StepWeights& step, MatrixRef dh,
+                            MatrixRef dgates, double beta) {
+  const auto& w = static_cast<const CpuStepWeights&>(step);
+  if (w.backward && dh.rows == w.batch) {
+    return w.backward->multiply(static_cast<const float*>(dgates.data), dgates.stride,
+                                static_cast<float*>(dh.data), dh.stride, static_cast<float>(beta));
+  }
+  gemm_cpu(type, dh, dgates, matrix_of(w.weight), /*transpose_b=*/false, beta);
+}
+
 const bool registered = register_device_kernels(
-    c10::DeviceType::CPU,
-    {forward_cpu, backward_cpu, gemm_cpu, prepare_step_cpu, step_forward_cpu});
+    c10::DeviceType::CPU, {forward_cpu, backward_cpu, gemm_cpu, prepare_step_cpu, step_forward_cpu,
+                           step_backward_gemm_cpu});
 
 }  // namespace
 }  // namespace rnn_ext

@@ -92,7 +92,8 @@ struct CudaStepWeights final : StepWeights {
   at::Tensor weight;  // [G*H, P]
 };
 
-std::unique_ptr<StepWeights> prepare_step_cuda(CellKind, const at::Tensor& w_hh, int64_t) {
+std::unique_ptr<StepWeights> prepare_step_cuda(CellKind, StepPass, const at::Tensor& w_hh,
+                                               int64_t) {
   auto prepared = std::make_unique<CudaStepWeights>();
   prepared->weight = w_hh.contiguous();
   return prepared;
@@ -107,9 +108,15 @@ void step_forward_cuda(CellKind kind, DataType type, const StepWeights& weights,
   forward_cuda(kind, type, p);
 }
 
+void step_backward_gemm_cuda(DataType type, const StepWeights& weights, MatrixRef dh,
+                             MatrixRef dgates, double beta) {
+  gemm_cuda(type, dh, dgates, matrix_of(static_cast<const CudaStepWeights&>(weights).weight),
+            /*transpose_b=*/false, beta);
+}
+
 const bool registered = register_device_kernels(
-    c10::DeviceType::CUDA,
-    {forward_cuda, backward_cuda, gemm_cuda, prepare_step_cuda, step_forward_cuda});
+    c10::DeviceType::CUDA, {forward_cuda, backward_cuda, gemm_cuda, prepare_step_cuda,
+                            step_forward_cuda, step_backward_gemm_cuda});
 
 }  // namespace
 }  // namespace rnn_ext
