@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <cstdlib>
 #include <limits>
+#include <map>
+#include <mutex>
 
 
 // Fortran BLAS and MKL's packed-GEMM API, as exported by libtorch_cpu.
@@ -49,6 +51,48 @@ void column_major_gemm(Routine* routine, MatrixRef out, MatrixRef a, MatrixRef b
           &ldc);
 }
 
+// Packed buffers are allocated per layer call, megabytes each: fresh pages would cost a page
+// fault apiece every call. Freed buffers wait here, by size, for the next call of that shape.
+class BufferPool {
+ public:
+  static BufferPool& instance() {
+    static BufferPool* pool = new BufferPool();  // never destroyed: buffers may outlive exit
+    return *pool;
+  }
+
+  float* acquire(size_t bytes) {
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      const auto it = free_.find(bytes);
+      if (it != free_.end()) {
+        float* buffer = it->second;
+        free_.erase(it);
+        cached_ -= bytes;
+        return buffer;
+      }
+    }
+    return static_cast<float*>(std::aligned_alloc(64, bytes));
+  }
+
+  void release(float* buffer, size_t bytes) {
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      if (cached_ + bytes <= kMaxCachedBytes) {
+        free_.emplace(bytes, buffer);
+        cached_ += bytes;
+        return;
+      }
+    }
+    std::free(buffer);
+  }
+
+ private:
+  static constexpr size_t kMaxCachedBytes = size_t{256} << 20;
+  std::mutex mutex_;
+  std::multimap<size_t, float*> free_;
+  size_t cached_ = 0;
+};
+
 }  // namespace
 
 bool blas_gemm(at::ScalarType dtype, MatrixRef out, MatrixRef a, MatrixRef b, bool transpose_b,
@@ -71,15 +115,15 @@ std::unique_ptr<PackedWeight> PackedWeight::pack(const float* w, int64_t n, int6
       cblas_sgemm_compute == nullptr || !fits_int({m, n, k, ldw})) {
     return nullptr;
   }
-  const size_t bytes = cblas_sgemm_pack_get_size(kCblasBMatrix, m, n, k);
-  auto* buffer = static_cast<float*>(std::aligned_alloc(64, (bytes + 63) / 64 * 64));
+  const size_t bytes = (cblas_sgemm_pack_get_size(kCblasBMatrix, m, n, k) + 63) / 64 * 64;
+  float* buffer = BufferPool::instance().acquire(bytes);
   if (buffer == nullptr) return nullptr;
   cblas_sgemm_pack(kCblasRowMajor, kCblasBMatrix, transposed ? kCblasTrans : kCblasNoTrans, m, n,
                    k, 1.0f, w, ldw, buffer);
-  return std::unique_ptr<PackedWeight>(new PackedWeight(buffer, m, n, k));
+  return std::unique_ptr<PackedWeight>(new PackedWeight(buffer, bytes, m, n, k));
 }
 
-PackedWeight::~PackedWeight() { std::free(buffer_); }
+PackedWeight::~PackedWeight() { BufferPool::instance().release(buffer_, bytes_); }
 
 void PackedWeight::multiply(const float* x, int64_t ldx, float* out, int64_t ldo,
                             float beta) const {

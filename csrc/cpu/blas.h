@@ -36,8 +36,10 @@ class PackedWeight {
   int64_t rows() const { return m_; }
 
  private:
-  PackedWeight(float* buffer, int64_t m, int64_t n, int64_t k) : buffer_(buffer), m_(m), n_(n), k_(k) {}
+  PackedWeight(float* buffer, size_t bytes, int64_t m, int64_t n, int64_t k)
+      : buffer_(buffer), bytes_(bytes), m_(m), n_(n), k_(k) {}
   float* buffer_;
+  size_t bytes_;
   int64_t m_, n_, k_;
 };
 
