@@ -202,6 +202,9 @@ struct ForwardPointers {
   scalar_t* saved;         // [B, S*H] or null (inference)
   int64_t rows;            // B
   int64_t hidden;          // H
+  // hg's layout: element (b, g, j) at hg[b * hg_row + g * hg_gate + j]. 0 means the standard
+  // [B, G*H] (G*H, H); the CPU's fused step passes its per-thread blocked layout.
+  int64_t hg_row = 0, hg_gate = 0;
 };
 
 template <typename scalar_t>
@@ -238,11 +241,12 @@ RNN_EXT_HD void forward_unit(const ForwardPointers<scalar_t>& p, int64_t b, int6
   const bool saves = kRunTime ? p.saved != nullptr : (kArgs & kSaves) != 0;
   const int64_t H = p.hidden;
   const int64_t row = b * G * H + j;
+  const int64_t hg_row = p.hg_row ? p.hg_row : G * H, hg_gate = p.hg_gate ? p.hg_gate : H;
   acc_t x[G], h[G], saved[S];
   RNN_EXT_UNROLL
   for (int g = 0; g < G; ++g) {
     x[g] = static_cast<acc_t>(p.xg[row + g * H]);
-    h[g] = static_cast<acc_t>(p.hg[row + g * H]);
+    h[g] = static_cast<acc_t>(p.hg[b * hg_row + g * hg_gate + j]);
     if (has_b_ih) x[g] += static_cast<acc_t>(p.b_ih[g * H + j]);
     if (has_b_hh) h[g] += static_cast<acc_t>(p.b_hh[g * H + j]);
   }

@@ -102,7 +102,8 @@ ForwardPointers<scalar_t> typed(const ForwardPointers<void>& p) {
   auto in = [](const void* q) { return static_cast<const scalar_t*>(q); };
   auto out = [](void* q) { return static_cast<scalar_t*>(q); };
   return {in(p.xg),      in(p.hg),     in(p.b_ih),   in(p.b_hh),    in(p.h_prev), in(p.c_prev),
-          out(p.h_new),  out(p.c_new), out(p.saved), p.rows,        p.hidden};
+          out(p.h_new),  out(p.c_new), out(p.saved), p.rows,        p.hidden,
+          p.hg_row,      p.hg_gate};
 }
 
 template <typename scalar_t>

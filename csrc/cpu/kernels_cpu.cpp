@@ -9,6 +9,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 
@@ -113,11 +114,12 @@ void gemm_cpu(DataType type, MatrixRef out, MatrixRef a, MatrixRef b, bool trans
 struct CpuStepWeights final : StepWeights {
   Tensor weight;  // [G*H, P], contiguous
   int64_t gates = 0, batch = 0;
-  // A thread's units [begin, end) and its packed rows of w_hh: one slice per gate (rows
-  // g*H + [begin, end)), or, for a block of all units, the whole matrix in one.
+  // A thread's units [begin, end) and the G gate rows of w_hh that compute them (rows
+  // g*H + [begin, end) for every g), gathered and packed as one [G*units, P] matrix: one GEMM
+  // per thread and step writes that block's gates, in a blocked hg layout (see step_forward_cpu).
   struct Block {
     int64_t begin = 0, end = 0;
-    std::vector<std::unique_ptr<cpu::PackedWeight>> slices;
+    std::unique_ptr<cpu::PackedWeight> rows;
   };
   std::vector<Block> blocks;  // forward: empty where no packed GEMM, steps then run unfused
   std::unique_ptr<cpu::PackedWeight> backward;  // backward: w_hh packed as is, or null
@@ -143,21 +145,26 @@ std::unique_ptr<StepWeights> prepare_step_cpu(CellKind kind, StepPass pass, cons
   const int64_t work = batch * G * H * P;
   const int64_t threads = work < kParallelStepWork ? 1 : at::get_num_threads();
   const int64_t count = std::clamp<int64_t>(threads, 1, std::max<int64_t>(1, H / 16));
-  const float* w = prepared->weight.const_data_ptr<float>();
+  // [G*H, P] with each block's gate rows together: block k's rows start at G * begin_k.
+  const Tensor blocked =
+      count == 1 ? prepared->weight : at::empty_like(prepared->weight);
+  for (int64_t k = 0; k < count && count > 1; ++k) {
+    const int64_t begin = H * k / count, units = H * (k + 1) / count - begin;
+    for (int64_t g = 0; g < G; ++g) {
+      blocked.narrow(0, G * begin + g * units, units)
+          .copy_(prepared->weight.narrow(0, g * H + begin, units));
+    }
+  }
   for (int64_t k = 0; k < count; ++k) {
     CpuStepWeights::Block block;
     block.begin = H * k / count;
     block.end = H * (k + 1) / count;
     const int64_t units = block.end - block.begin;
-    for (int64_t g = 0; g < (count == 1 ? 1 : G); ++g) {
-      auto slice = cpu::PackedWeight::pack(w + (g * H + block.begin) * P,
-                                           count == 1 ? G * H : units, P, P, batch,
-                                           /*transposed=*/true);
-      if (!slice) {
-        prepared->blocks.clear();
-        return prepared;
-      }
-      block.slices.push_back(std::move(slice));
+    block.rows = cpu::PackedWeight::pack(blocked.const_data_ptr<float>() + G * block.begin * P,
+                                         G * units, P, P, batch, /*transposed=*/true);
+    if (!block.rows) {
+      prepared->blocks.clear();
+      return prepared;
     }
     prepared->blocks.push_back(std::move(block));
   }
@@ -167,8 +174,8 @@ std::unique_ptr<StepWeights> prepare_step_cpu(CellKind kind, StepPass pass, cons
 void step_forward_cpu(CellKind kind, DataType type, const StepWeights& step, const void* h_prev,
                       const ForwardPointers<void>& p) {
   const auto& w = static_cast<const CpuStepWeights&>(step);
-  const int64_t H = p.hidden, P = w.weight.size(1), GH = w.gates * H;
-  // Packed slices fit only the batch they were packed for (a packed sequence's later steps
+  const int64_t H = p.hidden, P = w.weight.size(1), G = w.gates, GH = G * H;
+  // Packed blocks fit only the batch they were packed for (a packed sequence's later steps
   // shrink it): those steps run unfused.
   if (w.blocks.empty() || p.rows != w.batch) {
     gemm_cpu(type, {const_cast<void*>(p.hg), p.rows, GH, GH},
@@ -179,11 +186,16 @@ void step_forward_cpu(CellKind kind, DataType type, const StepWeights& step, con
   float* hg = static_cast<float*>(const_cast<void*>(p.hg));
   at::parallel_for(0, static_cast<int64_t>(w.blocks.size()), 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
+      // Block k's gates occupy hg columns G * begin + [0, G * units) of each row: unit j's
+      // gate g sits at column G * begin + g * units + (j - begin).
       const auto& block = w.blocks[k];
-      for (size_t g = 0; g < block.slices.size(); ++g) {
-        block.slices[g]->multiply(x, P, hg + g * H + block.begin, GH);
-      }
-      forward_range(kind, type.dtype, p, {0, p.rows, block.begin, block.end});
+      const int64_t units = block.end - block.begin;
+      block.rows->multiply(x, P, hg + G * block.begin, GH);
+      ForwardPointers<void> q = p;
+      q.hg = hg + (G - 1) * block.begin;
+      q.hg_row = GH;
+      q.hg_gate = units;
+      forward_range(kind, type.dtype, q, {0, p.rows, block.begin, block.end});
     }
   });
 }
