@@ -23,7 +23,7 @@ using at::Tensor;
 
 // Rows per task: enough gate values that a thread's share outweighs waking it.
 int64_t grain_rows(int64_t values_per_row) {
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, values_per_row));
+  return std::max<int64_t>(1, 8192 / std::max<int64_t>(1, values_per_row));
 }
 
 // Rows [b0, b1) x units [j0, j1).
