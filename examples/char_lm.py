@@ -37,6 +37,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+try:  # imported from the repository root (the tests)
+    from examples.common import backend_description, recurrent_modules
+except ImportError:  # run as a script: examples/ is on sys.path
+    from common import backend_description, recurrent_modules
+
 CORPUS_MODULES = ("argparse", "textwrap", "string", "heapq", "bisect", "functools",
                   "collections", "dataclasses", "fractions", "statistics", "json.decoder",
                   "json.encoder", "random", "calendar", "difflib", "enum", "pathlib", "ast")
@@ -45,24 +50,6 @@ CORPUS_MODULES = ("argparse", "textwrap", "string", "heapq", "bisect", "functool
 SMOKE_DEFAULTS = dict(max_chars=20_000, embed_size=16, hidden_size=64, batch_size=8, bptt=32,
                       steps=30, log_every=5, eval_every=15, checkpoint_every=15,
                       sample_length=120)
-
-
-def recurrent_modules(backend: str):
-    """The namespace the recurrent modules come from: rnn_ext or torch.nn (same class names)."""
-    if backend == "torch":
-        return nn
-    try:
-        import rnn_ext
-    except ModuleNotFoundError:  # run from a source checkout that was built but not installed
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        import rnn_ext
-    return rnn_ext
-
-
-def backend_description(backend: str) -> str:
-    if backend == "torch":
-        return "torch.nn"
-    return f"rnn_ext ({recurrent_modules(backend).backend()} ops)"
 
 
 def positive_float(text: str) -> float:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,30 +32,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+try:  # imported from the repository root (the tests)
+    from examples.common import backend_description, recurrent_modules
+except ImportError:  # run as a script: examples/ is on sys.path
+    from common import backend_description, recurrent_modules
+
 # (amplitude, period in steps, phase) of the sines the signal is made of.
 COMPONENTS = ((1.0, 50.0, 0.0), (0.6, 23.0, 1.0), (0.35, 7.3, 2.0))
 
 # --smoke: tiny sizes that still run every code path (training, evaluation, forecast, plot).
 SMOKE_DEFAULTS = dict(length=1500, window=48, warmup=8, horizon=24, hidden_size=16, epochs=2,
                       batches_per_epoch=5, batch_size=16)
-
-
-def recurrent_modules(backend: str):
-    """The namespace the recurrent modules come from: rnn_ext or torch.nn (same class names)."""
-    if backend == "torch":
-        return nn
-    try:
-        import rnn_ext
-    except ModuleNotFoundError:  # run from a source checkout that was built but not installed
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        import rnn_ext
-    return rnn_ext
-
-
-def backend_description(backend: str) -> str:
-    if backend == "torch":
-        return "torch.nn"
-    return f"rnn_ext ({recurrent_modules(backend).backend()} ops)"
 
 
 def build_parser() -> argparse.ArgumentParser:

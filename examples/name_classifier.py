@@ -26,13 +26,16 @@ from __future__ import annotations
 import argparse
 import random
 import string
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
+
+try:  # imported from the repository root (the tests)
+    from examples.common import backend_description, recurrent_modules
+except ImportError:  # run as a script: examples/ is on sys.path
+    from common import backend_description, recurrent_modules
 
 LETTERS = string.ascii_letters  # one-hot positions of the input characters
 
@@ -76,24 +79,6 @@ LANGUAGES = {
 
 # --smoke: tiny sizes that still run every code path (training, evaluation, prediction).
 SMOKE_DEFAULTS = dict(names_per_language=150, hidden_size=32, epochs=2, batch_size=32)
-
-
-def recurrent_modules(backend: str):
-    """The namespace the recurrent modules come from: rnn_ext or torch.nn (same class names)."""
-    if backend == "torch":
-        return nn
-    try:
-        import rnn_ext
-    except ModuleNotFoundError:  # run from a source checkout that was built but not installed
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        import rnn_ext
-    return rnn_ext
-
-
-def backend_description(backend: str) -> str:
-    if backend == "torch":
-        return "torch.nn"
-    return f"rnn_ext ({recurrent_modules(backend).backend()} ops)"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,13 +25,16 @@ from __future__ import annotations
 
 import argparse
 import random
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+try:  # imported from the repository root (the tests)
+    from examples.common import backend_description, recurrent_modules
+except ImportError:  # run as a script: examples/ is on sys.path
+    from common import backend_description, recurrent_modules
 
 ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
         "fifteen sixteen seventeen eighteen nineteen").split()
@@ -43,24 +46,6 @@ MAX_DIGITS = 6  # numbers below a million
 
 # --smoke: tiny sizes that still run every code path (training, greedy decoding, accuracy).
 SMOKE_DEFAULTS = dict(train_size=400, test_size=100, embed_size=16, hidden_size=32, epochs=2)
-
-
-def recurrent_modules(backend: str):
-    """The namespace the recurrent modules come from: rnn_ext or torch.nn (same class names)."""
-    if backend == "torch":
-        return nn
-    try:
-        import rnn_ext
-    except ModuleNotFoundError:  # run from a source checkout that was built but not installed
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        import rnn_ext
-    return rnn_ext
-
-
-def backend_description(backend: str) -> str:
-    if backend == "torch":
-        return "torch.nn"
-    return f"rnn_ext ({recurrent_modules(backend).backend()} ops)"
 
 
 def probability(text: str) -> float:
