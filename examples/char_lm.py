@@ -38,9 +38,10 @@ import torch
 from torch import nn
 
 try:  # imported from the repository root (the tests)
-    from examples.common import backend_description, recurrent_modules
+    from examples.common import (backend_description, example_parser, parse_with_smoke,
+                                 recurrent_modules)
 except ImportError:  # run as a script: examples/ is on sys.path
-    from common import backend_description, recurrent_modules
+    from common import backend_description, example_parser, parse_with_smoke, recurrent_modules
 
 CORPUS_MODULES = ("argparse", "textwrap", "string", "heapq", "bisect", "functools",
                   "collections", "dataclasses", "fractions", "statistics", "json.decoder",
@@ -60,15 +61,8 @@ def positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--backend", choices=("rnn_ext", "torch"), default="rnn_ext",
-                        help="where the recurrent modules come from")
+    parser = example_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--cell", choices=("lstm", "gru"), default="lstm")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny sizes for a quick check (explicit flags still win)")
     data = parser.add_argument_group("data")
     data.add_argument("--max-chars", type=int, default=600_000,
                       help="characters of standard-library source to use (10%% for validation)")
@@ -103,10 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.smoke:
-        parser.set_defaults(**SMOKE_DEFAULTS)
-        args = parser.parse_args(argv)
+    args = parse_with_smoke(parser, argv, SMOKE_DEFAULTS)
     if args.resume and args.checkpoint is None:
         parser.error("--resume needs --checkpoint PATH")
     if args.resume and not args.checkpoint.is_file():

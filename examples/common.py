@@ -1,10 +1,13 @@
-"""What the examples share: where their recurrent modules come from (rnn_ext or torch.nn)."""
+"""What the examples share: their common flags, and where their recurrent modules come from
+(rnn_ext or torch.nn)."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
+import torch
 from torch import nn
 
 
@@ -24,3 +27,26 @@ def backend_description(backend: str) -> str:
     if backend == "torch":
         return "torch.nn"
     return f"rnn_ext ({recurrent_modules(backend).backend()} ops)"
+
+
+def example_parser(description: str) -> argparse.ArgumentParser:
+    """A parser with the flags every example takes: --backend, --device, --seed, --smoke."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--backend", choices=("rnn_ext", "torch"), default="rnn_ext",
+                        help="where the recurrent modules come from")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes for a quick check (explicit flags still win)")
+    return parser
+
+
+def parse_with_smoke(parser: argparse.ArgumentParser, argv: list[str] | None,
+                     smoke_defaults: dict) -> argparse.Namespace:
+    """Parses argv; under --smoke, `smoke_defaults` replace the defaults (explicit flags win)."""
+    args = parser.parse_args(argv)
+    if args.smoke:
+        parser.set_defaults(**smoke_defaults)
+        args = parser.parse_args(argv)
+    return args

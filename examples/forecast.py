@@ -33,9 +33,10 @@ import torch
 from torch import nn
 
 try:  # imported from the repository root (the tests)
-    from examples.common import backend_description, recurrent_modules
+    from examples.common import (backend_description, example_parser, parse_with_smoke,
+                                 recurrent_modules)
 except ImportError:  # run as a script: examples/ is on sys.path
-    from common import backend_description, recurrent_modules
+    from common import backend_description, example_parser, parse_with_smoke, recurrent_modules
 
 # (amplitude, period in steps, phase) of the sines the signal is made of.
 COMPONENTS = ((1.0, 50.0, 0.0), (0.6, 23.0, 1.0), (0.35, 7.3, 2.0))
@@ -46,15 +47,8 @@ SMOKE_DEFAULTS = dict(length=1500, window=48, warmup=8, horizon=24, hidden_size=
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--backend", choices=("rnn_ext", "torch"), default="rnn_ext",
-                        help="where the recurrent modules come from")
+    parser = example_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--cell", choices=("gru", "lstm"), default="gru")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny sizes for a quick check (explicit flags still win)")
     data = parser.add_argument_group("data")
     data.add_argument("--length", type=int, default=8000, help="length of the series")
     data.add_argument("--noise", type=float, default=0.1, help="standard deviation of the noise")
@@ -79,10 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.smoke:
-        parser.set_defaults(**SMOKE_DEFAULTS)
-        args = parser.parse_args(argv)
+    args = parse_with_smoke(parser, argv, SMOKE_DEFAULTS)
     test_length = int(args.length * args.test_fraction)
     if args.window + args.horizon > test_length:
         parser.error(f"--window + --horizon ({args.window + args.horizon}) must fit in the "

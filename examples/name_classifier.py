@@ -33,9 +33,10 @@ import torch
 from torch import nn
 
 try:  # imported from the repository root (the tests)
-    from examples.common import backend_description, recurrent_modules
+    from examples.common import (backend_description, example_parser, parse_with_smoke,
+                                 recurrent_modules)
 except ImportError:  # run as a script: examples/ is on sys.path
-    from common import backend_description, recurrent_modules
+    from common import backend_description, example_parser, parse_with_smoke, recurrent_modules
 
 LETTERS = string.ascii_letters  # one-hot positions of the input characters
 
@@ -82,14 +83,7 @@ SMOKE_DEFAULTS = dict(names_per_language=150, hidden_size=32, epochs=2, batch_si
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--backend", choices=("rnn_ext", "torch"), default="rnn_ext",
-                        help="where the recurrent cell comes from")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny sizes for a quick check (explicit flags still win)")
+    parser = example_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--names-per-language", type=int, default=2000,
                         help="names generated per language (duplicates are dropped)")
     parser.add_argument("--test-fraction", type=float, default=0.2)
@@ -106,10 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.smoke:
-        parser.set_defaults(**SMOKE_DEFAULTS)
-        args = parser.parse_args(argv)
+    args = parse_with_smoke(parser, argv, SMOKE_DEFAULTS)
     bad = [name for name in args.predict if not name or set(name) - set(LETTERS)]
     if bad:
         parser.error(f"--predict takes names of ASCII letters only, got {bad}")

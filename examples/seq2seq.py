@@ -32,9 +32,10 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 try:  # imported from the repository root (the tests)
-    from examples.common import backend_description, recurrent_modules
+    from examples.common import (backend_description, example_parser, parse_with_smoke,
+                                 recurrent_modules)
 except ImportError:  # run as a script: examples/ is on sys.path
-    from common import backend_description, recurrent_modules
+    from common import backend_description, example_parser, parse_with_smoke, recurrent_modules
 
 ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
         "fifteen sixteen seventeen eighteen nineteen").split()
@@ -56,14 +57,7 @@ def probability(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--backend", choices=("rnn_ext", "torch"), default="rnn_ext",
-                        help="where the recurrent modules come from")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny sizes for a quick check (explicit flags still win)")
+    parser = example_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--train-size", type=int, default=20_000, help="distinct training numbers")
     parser.add_argument("--test-size", type=int, default=2_000,
                         help="distinct held-out numbers, none of them in the training set")
@@ -82,10 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.smoke:
-        parser.set_defaults(**SMOKE_DEFAULTS)
-        args = parser.parse_args(argv)
+    args = parse_with_smoke(parser, argv, SMOKE_DEFAULTS)
     for phrase in args.translate:
         unknown = set(phrase.split()) - set(SOURCE_VOCAB[1:])
         if unknown or not phrase.split():
