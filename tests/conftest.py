@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import rnn_ext
 
@@ -29,3 +30,24 @@ def require_extension() -> None:
 @pytest.fixture
 def extension() -> None:
     require_extension()
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records the ops that reach the dispatcher: every op's name in `names`, and each rnn_ext
+    op's (name, args, outputs) in `calls`."""
+
+    def __init__(self):
+        super().__init__()
+        self.names: list[str] = []
+        self.calls: list[tuple[str, tuple, tuple]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        name = str(func)
+        self.names.append(name)
+        if name.startswith("rnn_ext."):
+            self.calls.append((name, args, result if isinstance(result, tuple) else (result,)))
+        return result
+
+    def rnn_ext_ops(self) -> set[str]:
+        return {name for name, _, _ in self.calls}

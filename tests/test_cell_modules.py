@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 from torch import _VF, nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import rnn_ext
 from rnn_ext import functional, reference
 
-from conftest import require_extension
+from conftest import OpRecorder, require_extension
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,21 +29,6 @@ CELLS = {
 }
 KINDS = list(CELLS)
 F64 = dict(atol=1e-10, rtol=0)
-
-
-class RecordOps(TorchDispatchMode):
-    """Records the names of the ops that reach the dispatcher's Python key."""
-
-    def __init__(self):
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-    def rnn_ext_ops(self) -> set[str]:
-        return {n for n in self.names if n.startswith("rnn_ext.")}
 
 
 def make_pair(kind, input_size, hidden_size, bias=True, dtype=torch.float64, device="cpu",
@@ -344,7 +328,7 @@ def _call_with_grads(fn, args):
 @pytest.mark.parametrize("name", FUNCTIONS)
 def test_functional_matches_reference_and_torch(extension, device, name, bias):
     args = functional_args(name, device, bias)
-    with RecordOps() as record:
+    with OpRecorder() as record:
         outs, grads = _call_with_grads(getattr(functional, name), args)
     op = {"lstm_cell": "lstm", "gru_cell": "gru"}.get(name, "rnn")
     assert f"rnn_ext.{op}_cell_forward.default" in record.rnn_ext_ops()
@@ -364,7 +348,7 @@ def test_modules_run_the_extension_ops(extension, kind):
     """With the extension backend the cells run the fused ops, forward and backward."""
     _, ext_cell = make_pair(kind, 6, 7, True, torch.float32)
     x, hx = make_inputs(kind, 3, 6, 7, torch.float32, "cpu")
-    with RecordOps() as record:
+    with OpRecorder() as record:
         run_and_grad(ext_cell, x, hx)
     op = {"lstm": "lstm", "gru": "gru"}.get(kind, "rnn")
     assert record.rnn_ext_ops() == {f"rnn_ext.{op}_cell_forward.default",
@@ -388,7 +372,7 @@ def test_reference_backend_matches_torch_nn(reference_backend, device, kind):
     assert rnn_ext.backend() == "reference"
     nn_cell, ext_cell = make_pair(kind, 6, 7, True, torch.float64, device)
     x, hx = make_inputs(kind, 5, 6, 7, torch.float64, device)
-    with RecordOps() as record:
+    with OpRecorder() as record:
         assert_cells_agree(nn_cell, ext_cell, x, hx, **F64)
     assert record.rnn_ext_ops() == set(), "the reference backend ran compiled ops"
     # unbatched and hx None through the reference as well
@@ -399,7 +383,7 @@ def test_reference_backend_matches_torch_nn(reference_backend, device, kind):
 @pytest.mark.parametrize("name", FUNCTIONS)
 def test_reference_backend_functional(reference_backend, name):
     args = functional_args(name, "cpu", True)
-    with RecordOps() as record:
+    with OpRecorder() as record:
         outs, grads = _call_with_grads(getattr(functional, name), args)
     assert record.rnn_ext_ops() == set()
     ref_outs, ref_grads = _call_with_grads(getattr(_VF, name), args)

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import rnn_ext
+from conftest import OpRecorder
 
 pytestmark = [
     pytest.mark.skipif(not rnn_ext.extension_available(),
@@ -45,18 +45,6 @@ def _one_thread():
 
 
 # ----------------------------------------------------------------------------------- helpers
-
-class OpRecorder(TorchDispatchMode):
-    """Records the names of the ops that reach the dispatcher."""
-
-    def __init__(self):
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
-
 
 def rnn_ext_ops(fn, *args) -> set[str]:
     """The rnn_ext ops that fn(*args) dispatches (eagerly)."""

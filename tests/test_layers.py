@@ -18,6 +18,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import rnn_ext
+from conftest import OpRecorder
 from rnn_ext import reference
 
 ops = torch.ops.rnn_ext
@@ -82,18 +83,6 @@ def graph_node_names(*tensors) -> set[str]:
         names.add(node.name())
         stack.extend(f for f, _ in node.next_functions)
     return names
-
-
-class OpRecorder(TorchDispatchMode):
-    """Records the names of the ops that reach the dispatcher."""
-
-    def __init__(self):
-        super().__init__()
-        self.names: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def assert_close(actual, expected, tol, what=""):

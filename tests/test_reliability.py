@@ -35,9 +35,9 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import rnn_ext
+from conftest import OpRecorder
 from rnn_ext import reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -775,21 +775,6 @@ def assert_same_nan(a, b, what):
 def assert_close(a, b, tol, what, equal_nan=False):
     torch.testing.assert_close(a, b, atol=tol, rtol=tol, equal_nan=equal_nan,
                                msg=lambda m: f"{what}: {m}")
-
-
-class OpRecorder(TorchDispatchMode):
-    """Records each rnn_ext op that reaches the dispatcher: (name, args, outputs)."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[tuple[str, tuple, tuple]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
-        if str(func).startswith("rnn_ext."):
-            self.calls.append((str(func), args, result if isinstance(result, tuple)
-                               else (result,)))
-        return result
 
 
 # =============================================================================================
