@@ -45,6 +45,14 @@ def _saved(ctx) -> list[Tensor | None]:
 def _save(ctx, *tensors: Tensor | None) -> None:
     ctx.present = [t is not None for t in tensors]
     ctx.save_for_backward(*[t for t in tensors if t is not None])
+    # Outputs the loss does not use (the workspace always, often the final states) get None,
+    # not a materialised zero tensor: the workspace's would be as large as the gates.
+    ctx.set_materialize_grads(False)
+
+
+def _or_zeros(grad: Tensor | None, like: Tensor) -> Tensor:
+    """An output's gradient; zeros (of the output's shape `like`) where the loss did not use it."""
+    return torch.zeros_like(like) if grad is None else grad
 
 
 # ---------------------------------------------------------------- cells
@@ -66,6 +74,7 @@ def _rnn_cell_setup(ctx, inputs, output):
 
 def _rnn_cell_backward(ctx, grad_hy):
     xg, hg, b_ih, b_hh, hy = _saved(ctx)
+    grad_hy = _or_zeros(grad_hy, hy)
     if torch.is_grad_enabled():
         step = lambda *a: (reference.rnn_cell_step(*a, ctx.nonlinearity),)  # noqa: E731
         return (*_differentiate(step, [xg, hg, b_ih, b_hh], [grad_hy]), None)
@@ -93,6 +102,7 @@ def _lstm_cell_setup(ctx, inputs, output):
 
 def _lstm_cell_backward(ctx, grad_hy, grad_cy, _grad_workspace):
     xg, hg, b_ih, b_hh, cx, workspace = _saved(ctx)
+    grad_hy, grad_cy = _or_zeros(grad_hy, cx), _or_zeros(grad_cy, cx)
     if torch.is_grad_enabled():
         return tuple(_differentiate(reference.lstm_cell_step, [xg, hg, b_ih, b_hh, cx],
                                     [grad_hy, grad_cy]))
@@ -122,6 +132,7 @@ def _gru_cell_setup(ctx, inputs, output):
 
 def _gru_cell_backward(ctx, grad_hy, _grad_workspace):
     xg, hg, b_ih, b_hh, hx, workspace = _saved(ctx)
+    grad_hy = _or_zeros(grad_hy, hx)
     if torch.is_grad_enabled():
         step = lambda *a: (reference.gru_cell_step(*a),)  # noqa: E731
         return tuple(_differentiate(step, [xg, hg, b_ih, b_hh, hx], [grad_hy]))
@@ -160,6 +171,7 @@ def _rnn_layer_setup(ctx, inputs, output):
 
 def _rnn_layer_backward(ctx, grad_y, grad_h_n):
     xg, w_hh, b_hh, h0, y = _saved(ctx)
+    grad_y, grad_h_n = _or_zeros(grad_y, y), _or_zeros(grad_h_n, h0)
     if torch.is_grad_enabled():
         run = _layer_reference(_LAYER_MODE[ctx.nonlinearity], ctx.batch_sizes, ctx.reverse)
         g_xg, g_w_hh, g_b_hh, _, g_h0, _ = _differentiate(
@@ -196,6 +208,8 @@ def _lstm_layer_setup(ctx, inputs, output):
 
 def _lstm_layer_backward(ctx, grad_y, grad_h_n, grad_c_n, _grad_workspace):
     xg, w_hh, b_hh, w_hr, h0, c0, y, workspace = _saved(ctx)
+    grad_y, grad_h_n = _or_zeros(grad_y, y), _or_zeros(grad_h_n, h0)
+    grad_c_n = _or_zeros(grad_c_n, c0)
     if torch.is_grad_enabled():
         run = _layer_reference("LSTM", ctx.batch_sizes, ctx.reverse)
         g_xg, g_w_hh, g_b_hh, g_w_hr, g_h0, g_c0 = _differentiate(
@@ -231,6 +245,7 @@ def _gru_layer_setup(ctx, inputs, output):
 
 def _gru_layer_backward(ctx, grad_y, grad_h_n, _grad_workspace):
     xg, w_hh, b_hh, h0, y, workspace = _saved(ctx)
+    grad_y, grad_h_n = _or_zeros(grad_y, y), _or_zeros(grad_h_n, h0)
     if torch.is_grad_enabled():
         run = _layer_reference("GRU", ctx.batch_sizes, ctx.reverse)
         g_xg, g_w_hh, g_b_hh, _, g_h0, _ = _differentiate(
