@@ -25,6 +25,9 @@ void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k
 void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a,
                          int lda, const float* b, int ldb, float beta, float* c, int ldc)
     __attribute__((weak));
+// The C entry point (mkl_service.h maps mkl_set_num_threads_local to it; the lower-case symbol
+// is the Fortran one, which takes a pointer).
+int MKL_Set_Num_Threads_Local(int threads) __attribute__((weak));
 }
 
 namespace rnn_ext::cpu {
@@ -50,6 +53,24 @@ void column_major_gemm(Routine* routine, MatrixRef out, MatrixRef a, MatrixRef b
           static_cast<const scalar_t*>(a.data), &lda, &beta_v, static_cast<scalar_t*>(out.data),
           &ldc);
 }
+
+// MKL's thread count for the calling thread, set to 1 for this scope's life where the product
+// is below kSerialGemmWork, and restored after (MKL's value 0 means "the global setting").
+class SerialBelow {
+ public:
+  explicit SerialBelow(int64_t work)
+      : active_(work < kSerialGemmWork && MKL_Set_Num_Threads_Local != nullptr),
+        previous_(active_ ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SerialBelow() {
+    if (active_) MKL_Set_Num_Threads_Local(previous_);
+  }
+  SerialBelow(const SerialBelow&) = delete;
+  SerialBelow& operator=(const SerialBelow&) = delete;
+
+ private:
+  bool active_;
+  int previous_;
+};
 
 // Packed buffers are allocated per layer call, megabytes each: fresh pages would cost a page
 // fault apiece every call. Freed buffers wait here, by size, for the next call of that shape.
@@ -98,6 +119,7 @@ class BufferPool {
 bool blas_gemm(at::ScalarType dtype, MatrixRef out, MatrixRef a, MatrixRef b, bool transpose_b,
                double beta) {
   if (!fits_int({a.rows, a.cols, out.cols, a.stride, b.stride, out.stride})) return false;
+  const SerialBelow serial(a.rows * a.cols * out.cols);
   if (dtype == at::kFloat && sgemm_ != nullptr) {
     column_major_gemm<float>(sgemm_, out, a, b, transpose_b, beta);
     return true;
@@ -127,6 +149,7 @@ PackedWeight::~PackedWeight() { BufferPool::instance().release(buffer_, bytes_);
 
 void PackedWeight::multiply(const float* x, int64_t ldx, float* out, int64_t ldo,
                             float beta) const {
+  const SerialBelow serial(m_ * n_ * k_);
   cblas_sgemm_compute(kCblasRowMajor, kCblasNoTrans, kCblasPacked, m_, n_, k_, x, ldx, buffer_,
                       n_, beta, out, ldo);
 }

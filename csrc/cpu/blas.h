@@ -13,6 +13,10 @@
 
 namespace rnn_ext::cpu {
 
+// Products of fewer multiply-adds than this run on the calling thread: waking a second thread
+// costs more than it saves. (MKL would otherwise thread any call made outside a parallel region.)
+constexpr int64_t kSerialGemmWork = int64_t{1} << 20;
+
 // out [M, N] = beta * out + a [M, K] @ (transpose_b ? bᵀ : b); row-major with row strides.
 // Returns false (and does nothing) where no BLAS routine fits: the caller uses ATen.
 bool blas_gemm(at::ScalarType dtype, MatrixRef out, MatrixRef a, MatrixRef b, bool transpose_b,

@@ -125,9 +125,6 @@ struct CpuStepWeights final : StepWeights {
   std::unique_ptr<cpu::PackedWeight> backward;  // backward: w_hh packed as is, or null
 };
 
-// A step's multiply-adds below which one thread does it all (a parallel region costs more).
-constexpr int64_t kParallelStepWork = int64_t{1} << 20;
-
 std::unique_ptr<StepWeights> prepare_step_cpu(CellKind kind, StepPass pass, const Tensor& w_hh,
                                               int64_t batch) {
   auto prepared = std::make_unique<CpuStepWeights>();
@@ -143,7 +140,7 @@ std::unique_ptr<StepWeights> prepare_step_cpu(CellKind kind, StepPass pass, cons
   }
 
   const int64_t work = batch * G * H * P;
-  const int64_t threads = work < kParallelStepWork ? 1 : at::get_num_threads();
+  const int64_t threads = work < cpu::kSerialGemmWork ? 1 : at::get_num_threads();
   const int64_t count = std::clamp<int64_t>(threads, 1, std::max<int64_t>(1, H / 16));
   // [G*H, P] with each block's gate rows together: block k's rows start at G * begin_k.
   const Tensor blocked =
