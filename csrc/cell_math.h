@@ -27,10 +27,14 @@ namespace rnn_ext {
 inline __attribute__((always_inline)) float exp_vectorizable(float x) {
   x = x > 88.02969193f ? 88.02969193f : x;    // 127 ln2: 2^n stays a finite float
   x = x < -87.33654475f ? -87.33654475f : x;  // -126 ln2: the smallest normal
-  // n = round(x / ln2) by the 1.5 * 2^23 trick: std::floor blocks gcc's vectoriser.
+  // n = round(x / ln2) by the 1.5 * 2^23 trick (std::floor blocks gcc's vectoriser). The sum's
+  // low mantissa bits hold n as an integer: reading it there needs no float-to-int conversion,
+  // which is undefined for NaN and, guarded by a select, made gcc split the loop into masked
+  // paths (twice the instructions).
   constexpr float kRound = 12582912.0f;
-  float n = (x * 1.44269504088896341f + kRound) - kRound;
-  n = (n == n) ? n : 0.0f;  // NaN: keep the integer conversion defined; p carries the NaN
+  constexpr int32_t kRoundBits = 0x4B400000;
+  const float shifted = x * 1.44269504088896341f + kRound;
+  const float n = shifted - kRound;
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -39,7 +43,10 @@ inline __attribute__((always_inline)) float exp_vectorizable(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  int32_t shifted_bits;
+  std::memcpy(&shifted_bits, &shifted, sizeof(shifted_bits));
+  // 2^n as a float: exponent field n + 127 (NaN gives junk here; p is NaN and carries it)
+  const uint32_t bits = static_cast<uint32_t>(shifted_bits - kRoundBits + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;

@@ -94,6 +94,18 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _input_projection(mode: str, x: Tensor, w_ih: Tensor, b_ih: Tensor | None,
+                      b_hh: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Every step's input projection in one GEMM, and the bias the layer op adds per step.
+
+    RNN and LSTM add b_ih and b_hh to the same pre-activations, so they are summed once here
+    and added by the op's fused step, which reads a bias anyway: a GEMM with a bias first copies
+    it into all N rows of its output. The GRU's b_hn sits inside r * (...), apart from b_in."""
+    if mode == "GRU" or b_ih is None:
+        return F.linear(x, w_ih, b_ih), b_hh
+    return F.linear(x, w_ih), b_ih if b_hh is None else b_ih + b_hh
+
+
 def recurrent_layer(mode: str, x: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Tensor | None,
                     w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
                     w_hr: Tensor | None = None, reverse: bool = False
@@ -104,9 +116,10 @@ def recurrent_layer(mode: str, x: Tensor, batch_sizes: Tensor, h0: Tensor, c0: T
     w_ih: [G*H, I]; w_hh: [G*H, P]; b_ih, b_hh: [G*H] or None; w_hr: [P, H] or None.
     Returns y [N, P], h_n [B, P], c_n [B, H] (LSTM, else None)."""
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = _autocast(x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr)
-    xg = F.linear(x, w_ih, b_ih)  # every step's input projection in one GEMM
-    if not uses_kernels(xg):
+    if not uses_kernels(x):
+        xg = F.linear(x, w_ih, b_ih)
         return reference.layer_recurrence(mode, xg, w_hh, b_hh, w_hr, h0, c0, batch_sizes, reverse)
+    xg, b_hh = _input_projection(mode, x, w_ih, b_ih, b_hh)
     save = _needs_grad(xg, w_hh, b_hh, w_hr, h0, c0)
     if mode == "LSTM":
         y, h_n, c_n, _ = _ops.lstm_layer_forward(xg, w_hh, b_hh, w_hr, h0, c0, batch_sizes,

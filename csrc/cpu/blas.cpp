@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <map>
 #include <mutex>
@@ -143,6 +144,27 @@ std::unique_ptr<PackedWeight> PackedWeight::pack(const float* w, int64_t n, int6
   cblas_sgemm_pack(kCblasRowMajor, kCblasBMatrix, transposed ? kCblasTrans : kCblasNoTrans, m, n,
                    k, 1.0f, w, ldw, buffer);
   return std::unique_ptr<PackedWeight>(new PackedWeight(buffer, bytes, m, n, k));
+}
+
+std::unique_ptr<PackedWeight> PackedWeight::pack_slabs(const float* w,
+                                                       const std::vector<int64_t>& slab_rows,
+                                                       int64_t rows_per_slab, int64_t k,
+                                                       int64_t ldw, int64_t m) {
+  const int64_t n = static_cast<int64_t>(slab_rows.size()) * rows_per_slab;
+  if (n == 0 || k == 0) return nullptr;
+  // The slabs gathered into one [n, k] matrix first, in a pooled buffer (no page faults).
+  const size_t bytes = static_cast<size_t>(n * k) * sizeof(float);
+  float* gathered = BufferPool::instance().acquire((bytes + 63) / 64 * 64);
+  if (gathered == nullptr) return nullptr;
+  for (size_t s = 0; s < slab_rows.size(); ++s) {
+    for (int64_t r = 0; r < rows_per_slab; ++r) {
+      std::memcpy(gathered + (s * rows_per_slab + r) * k, w + (slab_rows[s] + r) * ldw,
+                  static_cast<size_t>(k) * sizeof(float));
+    }
+  }
+  auto packed = pack(gathered, n, k, k, m, /*transposed=*/true);
+  BufferPool::instance().release(gathered, (bytes + 63) / 64 * 64);
+  return packed;
 }
 
 PackedWeight::~PackedWeight() { BufferPool::instance().release(buffer_, bytes_); }

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 #include <c10/core/ScalarType.h>
 
@@ -30,6 +31,11 @@ class PackedWeight {
   // Null where packed GEMM is unavailable or does not apply (sizes past int).
   static std::unique_ptr<PackedWeight> pack(const float* w, int64_t n, int64_t k, int64_t ldw,
                                             int64_t m, bool transposed);
+  // B = wᵀ for the matrix w [S*R, K] made of S slabs of R rows (row stride ldw), slab s
+  // starting at row slab_rows[s] of `w`: several row ranges of a weight packed as one.
+  static std::unique_ptr<PackedWeight> pack_slabs(const float* w, const std::vector<int64_t>& slab_rows,
+                                                  int64_t rows_per_slab, int64_t k, int64_t ldw,
+                                                  int64_t m);
   ~PackedWeight();
   PackedWeight(const PackedWeight&) = delete;
   PackedWeight& operator=(const PackedWeight&) = delete;

@@ -142,23 +142,14 @@ std::unique_ptr<StepWeights> prepare_step_cpu(CellKind kind, StepPass pass, cons
   const int64_t work = batch * G * H * P;
   const int64_t threads = work < cpu::kSerialGemmWork ? 1 : at::get_num_threads();
   const int64_t count = std::clamp<int64_t>(threads, 1, std::max<int64_t>(1, H / 16));
-  // [G*H, P] with each block's gate rows together: block k's rows start at G * begin_k.
-  const Tensor blocked =
-      count == 1 ? prepared->weight : at::empty_like(prepared->weight);
-  for (int64_t k = 0; k < count && count > 1; ++k) {
-    const int64_t begin = H * k / count, units = H * (k + 1) / count - begin;
-    for (int64_t g = 0; g < G; ++g) {
-      blocked.narrow(0, G * begin + g * units, units)
-          .copy_(prepared->weight.narrow(0, g * H + begin, units));
-    }
-  }
   for (int64_t k = 0; k < count; ++k) {
     CpuStepWeights::Block block;
     block.begin = H * k / count;
     block.end = H * (k + 1) / count;
-    const int64_t units = block.end - block.begin;
-    block.rows = cpu::PackedWeight::pack(blocked.const_data_ptr<float>() + G * block.begin * P,
-                                         G * units, P, P, batch, /*transposed=*/true);
+    std::vector<int64_t> gate_rows;  // where each gate's rows of this block start in w_hh
+    for (int64_t g = 0; g < G; ++g) gate_rows.push_back(g * H + block.begin);
+    block.rows = cpu::PackedWeight::pack_slabs(prepared->weight.const_data_ptr<float>(), gate_rows,
+                                               block.end - block.begin, P, P, batch);
     if (!block.rows) {
       prepared->blocks.clear();
       return prepared;
