@@ -171,22 +171,68 @@ LayerForward run_layer_forward(const char* op, CellKind kind, const Tensor& xg,
   return out;
 }
 
+// Row-range copies into `dst`, merged while each continues the previous one in both tensors
+// (with a constant batch, every step's copy does): one ATen copy per run, not per step.
+class RowCopies {
+ public:
+  explicit RowCopies(const Tensor& dst) : dst_(dst) {}
+
+  // dst rows [dst_row, dst_row + rows) = src rows [src_row, src_row + rows)
+  void add(int64_t dst_row, const Tensor& src, int64_t src_row, int64_t rows) {
+    if (rows == 0) return;
+    if (src_ == &src && dst_row == dst_row_ + rows_ && src_row == src_row_ + rows_) {
+      rows_ += rows;
+      return;
+    }
+    flush();
+    src_ = &src;
+    dst_row_ = dst_row;
+    src_row_ = src_row;
+    rows_ = rows;
+  }
+
+  void flush() {  // the last run; call once after the last add
+    if (rows_ > 0) dst_.narrow(0, dst_row_, rows_).copy_(src_->narrow(0, src_row_, rows_));
+    rows_ = 0;
+  }
+
+ private:
+  const Tensor& dst_;
+  const Tensor* src_ = nullptr;
+  int64_t dst_row_ = 0, src_row_ = 0, rows_ = 0;
+};
+
 // [N, P]: the state each row's step started from (y of the step before it, or h0).
 Tensor previous_states(const Tensor& y, const Tensor& h0, const Steps& steps, bool reverse) {
   Tensor prev = at::empty(y.sizes(), y.options());  // row-major whatever y is: a fixed summation order
+  RowCopies copies(prev);
   for (int64_t t = 0; t < steps.count(); ++t) {
     const int64_t bs = steps.batch[t], off = steps.offset[t];
     const int64_t before = reverse ? t + 1 : t - 1;
     const bool has_before = before >= 0 && before < steps.count();
     const int64_t carried = has_before ? std::min(bs, steps.batch[before]) : 0;
-    if (carried > 0) {
-      prev.narrow(0, off, carried).copy_(y.narrow(0, steps.offset[before], carried));
-    }
-    if (carried < bs) {
-      prev.narrow(0, off + carried, bs - carried).copy_(h0.narrow(0, carried, bs - carried));
-    }
+    if (carried > 0) copies.add(off, y, steps.offset[before], carried);
+    if (carried < bs) copies.add(off + carried, h0, carried, bs - carried);
   }
+  copies.flush();
   return prev;
+}
+
+// dW_hh [G*H, P] = Σ_t dhg[t]ᵀ h_prev[t] for dhg [N, G*H]. With one batch size B throughout,
+// h_prev is y shifted by one step, and h0 for the step that starts the sequence: two GEMMs on
+// views of y. Otherwise the previous states are gathered first.
+Tensor recurrent_weight_grad(const Tensor& grad_hg, const Tensor& y, const Tensor& h0,
+                             const Steps& steps, bool reverse) {
+  const int64_t B = steps.batch[0], N = y.size(0);
+  const bool uniform = std::all_of(steps.batch.begin(), steps.batch.end(),
+                                   [B](int64_t bs) { return bs == B; });
+  if (!uniform) return grad_hg.t().mm(previous_states(y, h0, steps, reverse));
+  const int64_t first = reverse ? N - B : 0;  // the rows of the step that starts from h0
+  Tensor grad = grad_hg.narrow(0, first, B).t().mm(h0);
+  if (N > B) {
+    grad.addmm_(grad_hg.narrow(0, reverse ? 0 : B, N - B).t(), y.narrow(0, reverse ? B : 0, N - B));
+  }
+  return grad;
 }
 
 struct LayerBackward {
@@ -264,7 +310,7 @@ LayerBackward run_layer_backward(const char* op, CellKind kind, const Tensor& gr
                                matrix_rows(grad_hg, off, bs), gru ? 1 : 0);
   }
 
-  out.grad_w_hh = grad_hg.t().mm(previous_states(y, h0, steps, reverse));
+  out.grad_w_hh = recurrent_weight_grad(grad_hg, y, h0, steps, reverse);
   out.grad_b_hh = grad_hg.sum(0);
   if (proj) {
     // The projection's input o ⊙ tanh(c'), recomputed from the workspace (i, f, g, o, c).
