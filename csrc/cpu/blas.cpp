@@ -1,5 +1,8 @@
 #include "blas.h"
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -26,6 +29,10 @@ void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k
 void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a,
                          int lda, const float* b, int ldb, float beta, float* c, int ldc)
     __attribute__((weak));
+// bfloat16 inputs, float32 accumulation and output (MKL_BF16 is a uint16_t).
+void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                            const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta,
+                            float* c, int ldc) __attribute__((weak));
 // The C entry point (mkl_service.h maps mkl_set_num_threads_local to it; the lower-case symbol
 // is the Fortran one, which takes a pointer).
 int MKL_Set_Num_Threads_Local(int threads) __attribute__((weak));
@@ -115,6 +122,31 @@ class BufferPool {
   size_t cached_ = 0;
 };
 
+// out [M, N] (bfloat16) = beta * out + a @ op(b), through a float32 accumulator: MKL's bfloat16
+// GEMM (AMX or AVX512-BF16) accumulates and writes float32; each result is rounded once, as
+// ATen's bfloat16 matmul does. ATen's call costs tens of microseconds in dispatch at step sizes.
+void bf16_gemm(MatrixRef out, MatrixRef a, MatrixRef b, bool transpose_b, double beta) {
+  const int64_t M = a.rows, N = out.cols;
+  const size_t bytes = (static_cast<size_t>(M * N) * sizeof(float) + 63) / 64 * 64;
+  float* acc = BufferPool::instance().acquire(bytes);
+  TORCH_CHECK(acc != nullptr, "rnn_ext: out of memory for a ", M, "x", N, " GEMM accumulator");
+  auto* c = static_cast<c10::BFloat16*>(out.data);
+  if (beta != 0) {
+    for (int64_t i = 0; i < M; ++i) {
+      for (int64_t j = 0; j < N; ++j) acc[i * N + j] = static_cast<float>(c[i * out.stride + j]);
+    }
+  }
+  cblas_gemm_bf16bf16f32(kCblasRowMajor, kCblasNoTrans, transpose_b ? kCblasTrans : kCblasNoTrans,
+                         static_cast<int>(M), static_cast<int>(N), static_cast<int>(a.cols), 1.0f,
+                         static_cast<const uint16_t*>(a.data), static_cast<int>(a.stride),
+                         static_cast<const uint16_t*>(b.data), static_cast<int>(b.stride),
+                         static_cast<float>(beta), acc, static_cast<int>(N));
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t j = 0; j < N; ++j) c[i * out.stride + j] = c10::BFloat16(acc[i * N + j]);
+  }
+  BufferPool::instance().release(acc, bytes);
+}
+
 }  // namespace
 
 bool blas_gemm(at::ScalarType dtype, MatrixRef out, MatrixRef a, MatrixRef b, bool transpose_b,
@@ -123,6 +155,10 @@ bool blas_gemm(at::ScalarType dtype, MatrixRef out, MatrixRef a, MatrixRef b, bo
   const SerialBelow serial(a.rows * a.cols * out.cols);
   if (dtype == at::kFloat && sgemm_ != nullptr) {
     column_major_gemm<float>(sgemm_, out, a, b, transpose_b, beta);
+    return true;
+  }
+  if (dtype == at::kBFloat16 && cblas_gemm_bf16bf16f32 != nullptr) {
+    bf16_gemm(out, a, b, transpose_b, beta);
     return true;
   }
   if (dtype == at::kDouble && dgemm_ != nullptr) {
