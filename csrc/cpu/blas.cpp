@@ -62,24 +62,6 @@ void column_major_gemm(Routine* routine, MatrixRef out, MatrixRef a, MatrixRef b
           &ldc);
 }
 
-// MKL's thread count for the calling thread, set to 1 for this scope's life where the product
-// is below kSerialGemmWork, and restored after (MKL's value 0 means "the global setting").
-class SerialBelow {
- public:
-  explicit SerialBelow(int64_t work)
-      : active_(work < kSerialGemmWork && MKL_Set_Num_Threads_Local != nullptr),
-        previous_(active_ ? MKL_Set_Num_Threads_Local(1) : 0) {}
-  ~SerialBelow() {
-    if (active_) MKL_Set_Num_Threads_Local(previous_);
-  }
-  SerialBelow(const SerialBelow&) = delete;
-  SerialBelow& operator=(const SerialBelow&) = delete;
-
- private:
-  bool active_;
-  int previous_;
-};
-
 // Packed buffers are allocated per layer call, megabytes each: fresh pages would cost a page
 // fault apiece every call. Freed buffers wait here, by size, for the next call of that shape.
 class BufferPool {
@@ -152,7 +134,7 @@ void bf16_gemm(MatrixRef out, MatrixRef a, MatrixRef b, bool transpose_b, double
 bool blas_gemm(at::ScalarType dtype, MatrixRef out, MatrixRef a, MatrixRef b, bool transpose_b,
                double beta) {
   if (!fits_int({a.rows, a.cols, out.cols, a.stride, b.stride, out.stride})) return false;
-  const SerialBelow serial(a.rows * a.cols * out.cols);
+  const SerialBlas serial(a.rows * a.cols * out.cols < kSerialGemmWork);
   if (dtype == at::kFloat && sgemm_ != nullptr) {
     column_major_gemm<float>(sgemm_, out, a, b, transpose_b, beta);
     return true;
@@ -166,6 +148,14 @@ bool blas_gemm(at::ScalarType dtype, MatrixRef out, MatrixRef a, MatrixRef b, bo
     return true;
   }
   return false;
+}
+
+SerialBlas::SerialBlas(bool active)
+    : active_(active && MKL_Set_Num_Threads_Local != nullptr),
+      previous_(active_ ? MKL_Set_Num_Threads_Local(1) : 0) {}
+
+SerialBlas::~SerialBlas() {
+  if (active_) MKL_Set_Num_Threads_Local(previous_);  // 0: back to the global setting
 }
 
 std::unique_ptr<PackedWeight> PackedWeight::pack(const float* w, int64_t n, int64_t k,
@@ -207,7 +197,7 @@ PackedWeight::~PackedWeight() { BufferPool::instance().release(buffer_, bytes_);
 
 void PackedWeight::multiply(const float* x, int64_t ldx, float* out, int64_t ldo,
                             float beta) const {
-  const SerialBelow serial(m_ * n_ * k_);
+  const SerialBlas serial(m_ * n_ * k_ < kSerialGemmWork);
   cblas_sgemm_compute(kCblasRowMajor, kCblasNoTrans, kCblasPacked, m_, n_, k_, x, ldx, buffer_,
                       n_, beta, out, ldo);
 }

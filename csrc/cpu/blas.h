@@ -18,6 +18,21 @@ namespace rnn_ext::cpu {
 // costs more than it saves. (MKL would otherwise thread any call made outside a parallel region.)
 constexpr int64_t kSerialGemmWork = int64_t{1} << 20;
 
+// While one lives (and `active`), MKL runs the calling thread's calls on that thread alone; the
+// thread's previous setting returns after. Inside a parallel region every thread already has
+// its share of the work: MKL threading a call there only adds synchronisation.
+class SerialBlas {
+ public:
+  explicit SerialBlas(bool active = true);
+  ~SerialBlas();
+  SerialBlas(const SerialBlas&) = delete;
+  SerialBlas& operator=(const SerialBlas&) = delete;
+
+ private:
+  bool active_;
+  int previous_;
+};
+
 // out [M, N] = beta * out + a [M, K] @ (transpose_b ? bᵀ : b); row-major with row strides.
 // Returns false (and does nothing) where no BLAS routine fits: the caller uses ATen.
 bool blas_gemm(at::ScalarType dtype, MatrixRef out, MatrixRef a, MatrixRef b, bool transpose_b,

@@ -188,6 +188,7 @@ void step_forward_cpu(CellKind kind, DataType type, const StepWeights& step, con
   const float* x = static_cast<const float*>(h_prev);
   float* hg = static_cast<float*>(const_cast<void*>(p.hg));
   at::parallel_for(0, static_cast<int64_t>(w.blocks.size()), 1, [&](int64_t k0, int64_t k1) {
+    const cpu::SerialBlas serial;
     for (int64_t k = k0; k < k1; ++k) {
       // Block k's gates occupy hg columns G * begin + [0, G * units) of each row: unit j's
       // gate g sits at column G * begin + g * units + (j - begin).
