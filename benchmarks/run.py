@@ -38,7 +38,9 @@ Interleaved timing in one process
     time.perf_counter(); CUDA samples use a pair of torch.cuda.Event around the calls, after a
     synchronisation, so launch overheads count when the GPU waits for the host.
 Derived figures
-    speedup vs X = X's median / rnn_ext's median (above 1: rnn_ext is faster). FLOPs of one call:
+    speedup vs X = the median over repeats of X's sample / rnn_ext's sample in that repeat (above
+    1: rnn_ext is faster): each repeat times the two back to back, so the ratio of a pair holds
+    while the machine's speed drifts between repeats. FLOPs of one call:
     forward 2*T*B*G*H*(I+H) with G = 1, 4, 3 gates (RNN, LSTM, GRU), training 3x forward, a cell
     T = 1; rnn_ext GFLOP/s is that over its median. "% of GEMM" sets it against the peak rate
     measured at start (fastest of 10 samples) of one torch.mm on the same device and dtype, of
@@ -235,8 +237,12 @@ def _median(record: dict, name: str) -> float | None:
 
 
 def _speedup(record: dict, name: str) -> float | None:
-    ours, theirs = _median(record, "rnn_ext"), _median(record, name)
-    return theirs / ours if ours and theirs else None
+    """Median of the per-repeat ratios name / rnn_ext (see the module docstring)."""
+    ours, theirs = record["contenders"]["rnn_ext"], record["contenders"][name]
+    if ours["status"] != "ok" or theirs["status"] != "ok":
+        return None
+    return statistics.median(
+        t / o for t, o in zip(theirs["samples_ms"], ours["samples_ms"], strict=True))
 
 
 def _ms(value: float) -> str:
@@ -288,7 +294,7 @@ def markdown_table(records: list[dict], gemm: dict, info: dict) -> str:
                  f"start, {info['load_average_at_end'][0]:.1f} at end ({info['cpu_count']} CPUs). "
                  f"Peak GEMM rate (torch.mm {GEMM_SHAPE[0]}x{GEMM_SHAPE[1]} @ "
                  f"{GEMM_SHAPE[1]}x{GEMM_SHAPE[2]}), GFLOP/s: {rates}. "
-                 "Speedup = other's median / rnn_ext's median.")
+                 "Speedup = median over repeats of other's time / rnn_ext's time in that repeat.")
     lines.extend(sorted(set(notes)))
     return "\n".join(lines)
 
