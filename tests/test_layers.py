@@ -226,6 +226,35 @@ def test_float64_parity_reference_backend(mode, layers, bidir, batch_first, bias
     assert rnn_ext.backend() == "extension"
 
 
+@pytest.mark.parametrize("missing", ["b_ih", "b_hh"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_functional_layer_with_one_bias(mode, missing):
+    """functional.recurrent_layer with only one of the two biases (the kernels fold b_ih into
+    the step's bias for RNN and LSTM): outputs and gradients match the reference backend."""
+    G = {"LSTM": 4, "GRU": 3}.get(mode, 1)
+    torch.manual_seed(0)
+    args = {"x": torch.randn(T * B, I), "h0": torch.randn(B, H), "w_ih": torch.randn(G * H, I),
+            "w_hh": torch.randn(G * H, H), "b_ih": torch.randn(G * H), "b_hh": torch.randn(G * H)}
+    args = {k: v.double().requires_grad_() for k, v in args.items()}
+    args[missing] = None
+    c0 = torch.randn(B, H, dtype=torch.float64) if mode == "LSTM" else None
+    batch_sizes = torch.full((T,), B, dtype=torch.int64)
+    results = {}
+    previous = rnn_ext.backend()
+    for backend in ("extension", "reference"):
+        rnn_ext.set_backend(backend)
+        try:
+            y, h_n, _ = rnn_ext.functional.recurrent_layer(
+                mode, args["x"], batch_sizes, args["h0"], c0, args["w_ih"], args["w_hh"],
+                args["b_ih"], args["b_hh"])
+        finally:
+            rnn_ext.set_backend(previous)
+        leaves = [v for v in args.values() if v is not None]
+        results[backend] = (y, h_n, *torch.autograd.grad((y.sum() + h_n.sum()), leaves))
+    for ours, theirs in zip(results["extension"], results["reference"], strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", list(MODES))
 def test_parity_on_devices(mode, device):
