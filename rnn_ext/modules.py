@@ -179,32 +179,37 @@ class GRU(_RecurrentForward, nn.RNNBase):
 # ------------------------------------------------------------------------------------- cells
 
 def _check_cell_args(cell: nn.RNNCellBase, input: Tensor, states: tuple[Tensor, ...]) -> None:
-    """torch.nn's cell checks (dims, sizes, dtype), with its messages."""
-    name = type(cell).__name__
-    if input.dim() not in (1, 2):
-        raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+    """torch.nn's cell checks (dims, sizes, dtype), with its messages. Every cell step runs
+    this, so each property is read once and messages are built only on failure."""
+    dim = input.dim()
+    if dim not in (1, 2):
+        raise ValueError(f"{type(cell).__name__}: Expected input to be 1D or 2D, got {dim}D "
+                         "instead")
     for index, state in enumerate(states):
-        if state.dim() not in (1, 2):
+        state_dim = state.dim()
+        if state_dim not in (1, 2):
             label = f"hx[{index}]" if len(states) > 1 else "hidden"
-            raise ValueError(f"{name}: Expected {label} to be 1D or 2D, got {state.dim()}D instead")
-        if state.dim() != input.dim():
-            raise RuntimeError(f"{name}: Expected input and hidden states to both be "
-                               f"{'batched' if input.dim() == 2 else 'unbatched'}, got "
-                               f"{input.dim()}D input and {state.dim()}D hidden state")
+            raise ValueError(f"{type(cell).__name__}: Expected {label} to be 1D or 2D, got "
+                             f"{state_dim}D instead")
+        if state_dim != dim:
+            raise RuntimeError(f"{type(cell).__name__}: Expected input and hidden states to both "
+                               f"be {'batched' if dim == 2 else 'unbatched'}, got {dim}D input "
+                               f"and {state_dim}D hidden state")
     if input.size(-1) != cell.input_size:
         raise RuntimeError(f"input has inconsistent input_size: got {input.size(-1)} "
                            f"expected {cell.input_size}")
     for index, state in enumerate(states):
-        if input.dim() == 2 and state.size(0) != input.size(0):
+        if dim == 2 and state.size(0) != input.size(0):
             raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{index} "
                                f"batch size {state.size(0)}")
         if state.size(-1) != cell.hidden_size:
             raise RuntimeError(f"hidden{index} has inconsistent hidden_size: got "
                                f"{state.size(-1)}, expected {cell.hidden_size}")
+    weight_dtype = cell.weight_ih.dtype
     for tensor in (input, *states):
-        if tensor.dtype != cell.weight_ih.dtype and functional._autocast_dtype(input) is None:
-            raise RuntimeError(f"{name}: expected dtype {cell.weight_ih.dtype} for the input "
-                               f"and hidden states, got {tensor.dtype}")
+        if tensor.dtype != weight_dtype and functional._autocast_dtype(input) is None:
+            raise RuntimeError(f"{type(cell).__name__}: expected dtype {weight_dtype} for the "
+                               f"input and hidden states, got {tensor.dtype}")
 
 
 def _batched(input: Tensor, states: tuple[Tensor, ...], hidden_size: int, count: int
