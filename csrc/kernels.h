@@ -39,12 +39,19 @@ struct MatrixRef {
 };
 
 // A layer's recurrent weight w_hh [G*H, P], prepared once per layer call for the steps of its
-// forward (step_forward) or of its backward (step_backward_gemm): the CPU packs it for BLAS
+// forward (forward_steps) or of its backward (step_backward_gemm): the CPU packs it for BLAS
 // (split by units across threads for the forward); CUDA keeps the tensor.
 struct StepWeights {
   virtual ~StepWeights() = default;
 };
 enum class StepPass { kForward, kBackward };
+
+// One forward step: p.hg = h_prev [p.rows, P] (contiguous) @ w_hhᵀ, then the pointwise forward
+// of p (p.hg is its scratch).
+struct ForwardStep {
+  const void* h_prev;
+  ForwardPointers<void> p;
+};
 
 struct DeviceKernels {
   // The pointwise forward / backward of B rows (cell_math.h documents every pointer).
@@ -56,10 +63,10 @@ struct DeviceKernels {
   // w_hh: [G*H, P] contiguous; batch: the rows of the steps to come (B).
   std::unique_ptr<StepWeights> (*prepare_step)(CellKind, StepPass, const at::Tensor& w_hh,
                                                int64_t batch) = nullptr;
-  // One forward step: p.hg = h_prev [p.rows, P] (contiguous) @ w_hhᵀ, then the pointwise
-  // forward of p (p.hg is its scratch).
-  void (*step_forward)(CellKind, DataType, const StepWeights&, const void* h_prev,
-                       const ForwardPointers<void>& p) = nullptr;
+  // Consecutive forward steps, in order (see ForwardStep); each reads what the one before it
+  // wrote.
+  void (*forward_steps)(CellKind, DataType, const StepWeights&, const ForwardStep* steps,
+                        int64_t count) = nullptr;
   // One backward step's GEMM: dh [rows, P] = beta * dh + dgates [rows, G*H] @ w_hh.
   void (*step_backward_gemm)(DataType, const StepWeights&, MatrixRef dh, MatrixRef dgates,
                              double beta) = nullptr;

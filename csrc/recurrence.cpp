@@ -5,7 +5,7 @@
 // torch.nn.utils.rnn.PackedSequence. A padded [T, B] input is the case batch[t] = B.
 //
 // Forward, per step: hg = h_prev @ W_hhᵀ (one GEMM into a preallocated buffer) and one pointwise
-// kernel, fused per device (kernels.h: step_forward), write y[t] directly; h_prev is the
+// kernel, fused per device (kernels.h: forward_steps), write y[t] directly; h_prev is the
 // previous step's rows of y (a contiguous prefix: sequences are sorted longest first), so no
 // state is copied. c is updated in place; rows past bs keep their values. Backward runs the
 // steps in the opposite order, dh (and dc) in place; after the loop, dW_hh = Σ_t dhg[t]ᵀ h_prev[t]
@@ -136,6 +136,15 @@ LayerForward run_layer_forward(const char* op, CellKind kind, const Tensor& xg,
   const auto step_weights = kernels.prepare_step(kind, StepPass::kForward, w, s.batch);
 
   const DataType type = data_type_of(x);
+  // Steps queue up and run in one call (kernels.h: forward_steps) until one needs host work in
+  // between: joining its start state, or its projection.
+  std::vector<ForwardStep> queued;
+  auto run_queued = [&] {
+    if (queued.empty()) return;
+    kernels.forward_steps(kind, type, *step_weights, queued.data(),
+                          static_cast<int64_t>(queued.size()));
+    queued.clear();
+  };
   for (int64_t i = 0; i < steps.count(); ++i) {
     const int64_t t = steps.forward_order(i, reverse);
     const int64_t bs = steps.batch[t], off = steps.offset[t];
@@ -148,6 +157,7 @@ LayerForward run_layer_forward(const char* op, CellKind kind, const Tensor& xg,
       const int64_t carried = steps.batch[before];
       h_prev = row_pointer(out.y, steps.offset[before]);
       if (bs > carried) {
+        run_queued();
         if (!joined.defined()) joined = at::empty({s.batch, s.out}, opts);
         joined.narrow(0, 0, carried).copy_(out.y.narrow(0, steps.offset[before], carried));
         joined.narrow(0, carried, bs - carried).copy_(h_init.narrow(0, carried, bs - carried));
@@ -161,12 +171,14 @@ LayerForward run_layer_forward(const char* op, CellKind kind, const Tensor& xg,
                                   proj ? row_pointer(r) : y_t,           c,
                                   saves ? row_pointer(out.saved, off) : nullptr,
                                   bs,                  s.hidden};
-    kernels.step_forward(kind, type, *step_weights, h_prev, p);
+    queued.push_back({h_prev, p});
     if (proj) {
+      run_queued();
       kernels.gemm(type, {y_t, bs, s.out, s.out}, matrix_rows(r, 0, bs), matrix_of(w_proj),
                    /*transpose_b=*/true, 0);
     }
   }
+  run_queued();
   out.h_n = final_states(out.y, h_init, steps, reverse);
   return out;
 }

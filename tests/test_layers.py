@@ -688,6 +688,38 @@ def test_parallel_rows(mode):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("batch", [32, 30], ids=["split_by_rows", "split_by_units"])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_fused_float32_steps_on_two_threads(mode, batch):
+    """The CPU's fused float32 forward steps on two threads, in both of their work splits
+    (a batch of 2 x 16 rows runs each half as its own sequence; 30 rows split the hidden units,
+    with a barrier per step), over a packed, bidirectional input whose later steps shrink the
+    batch (those run unfused) and whose reverse direction joins states: outputs and gradients
+    match torch.nn's float32 results."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        # H = 192: every step's GEMM is past the size that runs on one thread
+        ref, ext = make_pair(mode, dtype=torch.float32, input_size=24, hidden_size=192,
+                             bidirectional=True)
+        torch.manual_seed(1)
+        lengths = [7] * (batch - 4) + [5, 4, 2, 1]
+        x = torch.randn(7, batch, 24)
+        packed = pack_padded_sequence(x, lengths)
+        ext_out, ext_h = ext(packed)
+        ref_out, ref_h = ref(packed)
+        assert_close(ext_out.data, ref_out.data, 2e-5, "output")
+        for a, b in zip(hidden_list(ext_h), hidden_list(ref_h)):
+            assert_close(a, b, 2e-5, "state")
+        w = torch.randn_like(ref_out.data)
+        got = torch.autograd.grad((ext_out.data * w).sum(), list(ext.parameters()))
+        want = torch.autograd.grad((ref_out.data * w).sum(), list(ref.parameters()))
+        for a, b in zip(got, want):
+            assert rel_err(a, b) < 1e-5
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ------------------------------------------------------------------------- non-contiguous inputs
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -12,6 +12,7 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
+#include <omp.h>
 
 #include "../kernels.h"
 #include "blas.h"
@@ -114,16 +115,29 @@ void gemm_cpu(DataType type, MatrixRef out, MatrixRef a, MatrixRef b, bool trans
 struct CpuStepWeights final : StepWeights {
   Tensor weight;  // [G*H, P], contiguous
   int64_t gates = 0, batch = 0;
-  // A thread's units [begin, end) and the G gate rows of w_hh that compute them (rows
-  // g*H + [begin, end) for every g), gathered and packed as one [G*units, P] matrix: one GEMM
-  // per thread and step writes that block's gates, in a blocked hg layout (see step_forward_cpu).
+  // The forward's fused steps split the work one of two ways, each thread with its own part:
+  // - by rows: batch rows are independent sequences, so each thread runs its rows through
+  //   every step on its own, with no barrier between steps; all threads share one packed w_hh
+  //   (`by_rows`, packed for `rows_per_part` rows). Used where that weight fits a core's cache.
+  // - by units: a thread's units [begin, end) and the G gate rows of w_hh that compute them
+  //   (rows g*H + [begin, end) for every g), gathered and packed as one [G*units, P] matrix:
+  //   one GEMM per thread and step writes that block's gates, in a blocked hg layout (see
+  //   fused_block_step); a barrier ends each step, since the next reads every unit.
+  std::unique_ptr<cpu::PackedWeight> by_rows;
+  int64_t rows_per_part = 0;
   struct Block {
     int64_t begin = 0, end = 0;
     std::unique_ptr<cpu::PackedWeight> rows;
   };
-  std::vector<Block> blocks;  // forward: empty where no packed GEMM, steps then run unfused
+  std::vector<Block> blocks;  // forward, by units; both empty: steps run unfused
   std::unique_ptr<cpu::PackedWeight> backward;  // backward: w_hh packed as is, or null
 };
+
+// The largest w_hh (bytes) split by rows: every thread reads all of it each step, so it must
+// stay in a core's L2 cache (2 MB on the machines this was tuned on) beside the step's data.
+constexpr int64_t kRowSplitWeightBytes = int64_t{1} << 20;
+// The fewest rows per thread for the row split: fewer make the GEMM bound by reading w_hh.
+constexpr int64_t kRowSplitMinRows = 16;
 
 std::unique_ptr<StepWeights> prepare_step_cpu(CellKind kind, StepPass pass, const Tensor& w_hh,
                                               int64_t batch) {
@@ -133,14 +147,21 @@ std::unique_ptr<StepWeights> prepare_step_cpu(CellKind kind, StepPass pass, cons
   prepared->batch = batch;
   const int64_t G = prepared->gates, H = w_hh.size(0) / G, P = w_hh.size(1);
   if (w_hh.scalar_type() != at::kFloat || batch == 0) return prepared;
+  const float* w = prepared->weight.const_data_ptr<float>();
   if (pass == StepPass::kBackward) {
-    prepared->backward = cpu::PackedWeight::pack(prepared->weight.const_data_ptr<float>(), P,
-                                                 G * H, P, batch, /*transposed=*/false);
+    prepared->backward = cpu::PackedWeight::pack(w, P, G * H, P, batch, /*transposed=*/false);
     return prepared;
   }
 
   const int64_t work = batch * G * H * P;
   const int64_t threads = work < cpu::kSerialGemmWork ? 1 : at::get_num_threads();
+  if (threads > 1 && batch % threads == 0 && batch / threads >= kRowSplitMinRows &&
+      G * H * P * static_cast<int64_t>(sizeof(float)) <= kRowSplitWeightBytes) {
+    prepared->rows_per_part = batch / threads;
+    prepared->by_rows = cpu::PackedWeight::pack(w, G * H, P, P, prepared->rows_per_part,
+                                                /*transposed=*/true);
+    if (prepared->by_rows) return prepared;
+  }
   const int64_t count = std::clamp<int64_t>(threads, 1, std::max<int64_t>(1, H / 16));
   for (int64_t k = 0; k < count; ++k) {
     CpuStepWeights::Block block;
@@ -148,8 +169,7 @@ std::unique_ptr<StepWeights> prepare_step_cpu(CellKind kind, StepPass pass, cons
     block.end = H * (k + 1) / count;
     std::vector<int64_t> gate_rows;  // where each gate's rows of this block start in w_hh
     for (int64_t g = 0; g < G; ++g) gate_rows.push_back(g * H + block.begin);
-    block.rows = cpu::PackedWeight::pack_slabs(prepared->weight.const_data_ptr<float>(), gate_rows,
-                                               block.end - block.begin, P, P, batch);
+    block.rows = cpu::PackedWeight::pack_slabs(w, gate_rows, block.end - block.begin, P, P, batch);
     if (!block.rows) {
       prepared->blocks.clear();
       return prepared;
@@ -174,35 +194,90 @@ void prefetch_gate_columns(const float* xg, int64_t rows, int64_t G, int64_t H, 
   }
 }
 
-void step_forward_cpu(CellKind kind, DataType type, const StepWeights& step, const void* h_prev,
-                      const ForwardPointers<void>& p) {
-  const auto& w = static_cast<const CpuStepWeights&>(step);
-  const int64_t H = p.hidden, P = w.weight.size(1), G = w.gates, GH = G * H;
-  // Packed blocks fit only the batch they were packed for (a packed sequence's later steps
-  // shrink it): those steps run unfused.
-  if (w.blocks.empty() || p.rows != w.batch) {
-    gemm_cpu(type, {const_cast<void*>(p.hg), p.rows, GH, GH},
-             {const_cast<void*>(h_prev), p.rows, P, P}, matrix_of(w.weight), true, 0);
-    return forward_cpu(kind, type, p);
-  }
-  const float* x = static_cast<const float*>(h_prev);
+// A step unfused: the whole GEMM, then the pointwise step (each parallel on its own).
+void unfused_step(CellKind kind, DataType type, const CpuStepWeights& w, const ForwardStep& step) {
+  const ForwardPointers<void>& p = step.p;
+  const int64_t GH = w.weight.size(0), P = w.weight.size(1);
+  gemm_cpu(type, {const_cast<void*>(p.hg), p.rows, GH, GH},
+           {const_cast<void*>(step.h_prev), p.rows, P, P}, matrix_of(w.weight), true, 0);
+  forward_cpu(kind, type, p);
+}
+
+// A step for rows [b0, b0 + w.rows_per_part) and every unit, on the calling thread.
+void fused_rows_step(CellKind kind, DataType type, const CpuStepWeights& w,
+                     const ForwardStep& step, int64_t b0) {
+  const ForwardPointers<void>& p = step.p;
+  const int64_t G = w.gates, H = p.hidden, GH = G * H, P = w.weight.size(1);
+  const int64_t rows = w.rows_per_part;
+  prefetch_gate_columns(static_cast<const float*>(p.xg) + b0 * GH, rows, G, H, 0, H);
+  w.by_rows->multiply(static_cast<const float*>(step.h_prev) + b0 * P, P,
+                      static_cast<float*>(const_cast<void*>(p.hg)) + b0 * GH, GH);
+  forward_range(kind, type.dtype, p, {b0, b0 + rows, 0, H});
+}
+
+// A step for the units of block k, on the calling thread: block k's gates occupy hg columns
+// G * begin + [0, G * units) of each row (unit j's gate g at column G * begin + g * units +
+// (j - begin)).
+void fused_block_step(CellKind kind, DataType type, const CpuStepWeights& w,
+                      const ForwardStep& step, int64_t k) {
+  const ForwardPointers<void>& p = step.p;
+  const auto& block = w.blocks[k];
+  const int64_t G = w.gates, H = p.hidden, GH = G * H, P = w.weight.size(1);
+  const int64_t units = block.end - block.begin;
   float* hg = static_cast<float*>(const_cast<void*>(p.hg));
-  at::parallel_for(0, static_cast<int64_t>(w.blocks.size()), 1, [&](int64_t k0, int64_t k1) {
+  prefetch_gate_columns(static_cast<const float*>(p.xg), p.rows, G, H, block.begin, units);
+  block.rows->multiply(static_cast<const float*>(step.h_prev), P, hg + G * block.begin, GH);
+  ForwardPointers<void> q = p;
+  q.hg = hg + (G - 1) * block.begin;
+  q.hg_row = GH;
+  q.hg_gate = units;
+  forward_range(kind, type.dtype, q, {0, p.rows, block.begin, block.end});
+}
+
+// Steps [first, last), all of the batch the weights were packed for, fused in one parallel
+// region. MKL runs serially inside it: each thread already has its share.
+void fused_steps(CellKind kind, DataType type, const CpuStepWeights& w, const ForwardStep* steps,
+                 int64_t first, int64_t last) {
+  const int64_t parts = w.by_rows ? w.batch / w.rows_per_part
+                                  : static_cast<int64_t>(w.blocks.size());
+#pragma omp parallel num_threads(static_cast<int>(parts))
+  {
     const cpu::SerialBlas serial;
-    for (int64_t k = k0; k < k1; ++k) {
-      // Block k's gates occupy hg columns G * begin + [0, G * units) of each row: unit j's
-      // gate g sits at column G * begin + g * units + (j - begin).
-      const auto& block = w.blocks[k];
-      const int64_t units = block.end - block.begin;
-      prefetch_gate_columns(static_cast<const float*>(p.xg), p.rows, G, H, block.begin, units);
-      block.rows->multiply(x, P, hg + G * block.begin, GH);
-      ForwardPointers<void> q = p;
-      q.hg = hg + (G - 1) * block.begin;
-      q.hg_row = GH;
-      q.hg_gate = units;
-      forward_range(kind, type.dtype, q, {0, p.rows, block.begin, block.end});
+    const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
+    if (w.by_rows) {
+      // No barriers: a part's rows depend only on their own previous step.
+      for (int64_t part = me; part < parts; part += team) {
+        for (int64_t t = first; t < last; ++t) {
+          fused_rows_step(kind, type, w, steps[t], part * w.rows_per_part);
+        }
+      }
+    } else {
+      for (int64_t t = first; t < last; ++t) {
+        for (int64_t k = me; k < parts; k += team) fused_block_step(kind, type, w, steps[t], k);
+#pragma omp barrier
+      }
     }
-  });
+  }
+}
+
+void forward_steps_cpu(CellKind kind, DataType type, const StepWeights& step_weights,
+                       const ForwardStep* steps, int64_t count) {
+  const auto& w = static_cast<const CpuStepWeights&>(step_weights);
+  // The packed weights fit only the batch they were packed for (a packed sequence's later
+  // steps shrink it): those steps run unfused.
+  auto fusable = [&](int64_t i) {
+    return (w.by_rows || !w.blocks.empty()) && steps[i].p.rows == w.batch;
+  };
+  for (int64_t i = 0; i < count;) {
+    if (!fusable(i)) {
+      unfused_step(kind, type, w, steps[i++]);
+      continue;
+    }
+    int64_t last = i;
+    while (last < count && fusable(last)) ++last;
+    fused_steps(kind, type, w, steps, i, last);
+    i = last;
+  }
 }
 
 void step_backward_gemm_cpu(DataType type, const StepWeights& step, MatrixRef dh,
@@ -216,7 +291,7 @@ void step_backward_gemm_cpu(DataType type, const StepWeights& step, MatrixRef dh
 }
 
 const bool registered = register_device_kernels(
-    c10::DeviceType::CPU, {forward_cpu, backward_cpu, gemm_cpu, prepare_step_cpu, step_forward_cpu,
+    c10::DeviceType::CPU, {forward_cpu, backward_cpu, gemm_cpu, prepare_step_cpu, forward_steps_cpu,
                            step_backward_gemm_cpu});
 
 }  // namespace

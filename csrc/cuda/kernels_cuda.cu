@@ -99,13 +99,16 @@ std::unique_ptr<StepWeights> prepare_step_cuda(CellKind, StepPass, const at::Ten
   return prepared;
 }
 
-void step_forward_cuda(CellKind kind, DataType type, const StepWeights& weights,
-                       const void* h_prev, const ForwardPointers<void>& p) {
+void forward_steps_cuda(CellKind kind, DataType type, const StepWeights& weights,
+                        const ForwardStep* steps, int64_t count) {
   const at::Tensor& w = static_cast<const CudaStepWeights&>(weights).weight;
   const int64_t GH = w.size(0), P = w.size(1);
-  gemm_cuda(type, {const_cast<void*>(p.hg), p.rows, GH, GH},
-            {const_cast<void*>(h_prev), p.rows, P, P}, matrix_of(w), true, 0);
-  forward_cuda(kind, type, p);
+  for (int64_t i = 0; i < count; ++i) {
+    const ForwardPointers<void>& p = steps[i].p;
+    gemm_cuda(type, {const_cast<void*>(p.hg), p.rows, GH, GH},
+              {const_cast<void*>(steps[i].h_prev), p.rows, P, P}, matrix_of(w), true, 0);
+    forward_cuda(kind, type, p);
+  }
 }
 
 void step_backward_gemm_cuda(DataType type, const StepWeights& weights, MatrixRef dh,
@@ -116,7 +119,7 @@ void step_backward_gemm_cuda(DataType type, const StepWeights& weights, MatrixRe
 
 const bool registered = register_device_kernels(
     c10::DeviceType::CUDA, {forward_cuda, backward_cuda, gemm_cuda, prepare_step_cuda,
-                            step_forward_cuda, step_backward_gemm_cuda});
+                            forward_steps_cuda, step_backward_gemm_cuda});
 
 }  // namespace
 }  // namespace rnn_ext
