@@ -39,7 +39,7 @@ struct MatrixRef {
 };
 
 // A layer's recurrent weight w_hh [G*H, P], prepared once per layer call for the steps of its
-// forward (forward_steps) or of its backward (step_backward_gemm): the CPU packs it for BLAS
+// forward (forward_steps) or of its backward (backward_steps): the CPU packs it for BLAS
 // (split by units across threads for the forward); CUDA keeps the tensor.
 struct StepWeights {
   virtual ~StepWeights() = default;
@@ -51,6 +51,14 @@ enum class StepPass { kForward, kBackward };
 struct ForwardStep {
   const void* h_prev;
   ForwardPointers<void> p;
+};
+
+// One backward step: the pointwise backward of p (dgates), then the step's GEMM
+// dh [p.rows, P] = beta * dh + dgates [p.rows, G*H] @ w_hh.
+struct BackwardStep {
+  BackwardPointers<void> p;
+  MatrixRef dh, dgates;
+  double beta;
 };
 
 struct DeviceKernels {
@@ -67,9 +75,10 @@ struct DeviceKernels {
   // wrote.
   void (*forward_steps)(CellKind, DataType, const StepWeights&, const ForwardStep* steps,
                         int64_t count) = nullptr;
-  // One backward step's GEMM: dh [rows, P] = beta * dh + dgates [rows, G*H] @ w_hh.
-  void (*step_backward_gemm)(DataType, const StepWeights&, MatrixRef dh, MatrixRef dgates,
-                             double beta) = nullptr;
+  // Consecutive backward steps, in order (see BackwardStep); each reads what the one before it
+  // wrote.
+  void (*backward_steps)(CellKind, DataType, const StepWeights&, const BackwardStep* steps,
+                         int64_t count) = nullptr;
 };
 
 // Called once per device from a static initialiser in that device's source file.

@@ -292,6 +292,15 @@ LayerBackward run_layer_backward(const char* op, CellKind kind, const Tensor& gr
 
   const DataType type = data_type_of(gy);
   const auto step_weights = kernels.prepare_step(kind, StepPass::kBackward, w, s.batch);
+  // Steps queue up and run in one call (kernels.h: backward_steps) unless a projection needs
+  // host work between them.
+  std::vector<BackwardStep> queued;
+  auto run_queued = [&] {
+    if (queued.empty()) return;
+    kernels.backward_steps(kind, type, *step_weights, queued.data(),
+                           static_cast<int64_t>(queued.size()));
+    queued.clear();
+  };
   for (int64_t i = steps.count() - 1; i >= 0; --i) {
     const int64_t t = steps.forward_order(i, reverse);
     const int64_t bs = steps.batch[t], off = steps.offset[t];
@@ -303,6 +312,7 @@ LayerBackward run_layer_backward(const char* op, CellKind kind, const Tensor& gr
     const void* grad_h_new = dh;
     const void* grad_h_add = row_pointer(gy, off);
     if (proj) {
+      run_queued();
       const Tensor dh_rows = out.grad_h0.narrow(0, 0, bs);
       dh_rows.add_(gy.narrow(0, off, bs));
       dh_all.narrow(0, off, bs).copy_(dh_rows);
@@ -316,11 +326,11 @@ LayerBackward run_layer_backward(const char* op, CellKind kind, const Tensor& gr
                                    gru ? row_pointer(grad_hg, off) : nullptr,
                                    gru ? dh : nullptr, dc,
                                    bs, s.hidden};
-    kernels.backward(kind, type, p);
     // dh_prev = (GRU: z dh) + dhg @ W_hh; beta 0 discards dh's old contents otherwise.
-    kernels.step_backward_gemm(type, *step_weights, matrix_rows(out.grad_h0, 0, bs),
-                               matrix_rows(grad_hg, off, bs), gru ? 1 : 0);
+    queued.push_back({p, matrix_rows(out.grad_h0, 0, bs), matrix_rows(grad_hg, off, bs),
+                      gru ? 1.0 : 0.0});
   }
+  run_queued();
 
   out.grad_w_hh = recurrent_weight_grad(grad_hg, y, h0, steps, reverse);
   out.grad_b_hh = grad_hg.sum(0);

@@ -80,6 +80,16 @@ void backward_loop(const BackwardPointers<scalar_t> p, int64_t b0, int64_t b1) {
   }
 }
 
+// The pointwise backward of rows [b0, b1) of `p`, on the calling thread.
+void backward_range(CellKind kind, at::ScalarType dtype, const BackwardPointers<void>& p,
+                    int64_t b0, int64_t b1) {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dtype, "rnn_ext_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto q = typed<scalar_t>(p);
+    visit_cell<acc_t>(kind, [&](auto cell) { backward_loop<decltype(cell), acc_t>(q, b0, b1); });
+  });
+}
+
 void backward_cpu(CellKind kind, DataType type, const BackwardPointers<void>& p) {
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, type.dtype, "rnn_ext_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -115,10 +125,11 @@ void gemm_cpu(DataType type, MatrixRef out, MatrixRef a, MatrixRef b, bool trans
 struct CpuStepWeights final : StepWeights {
   Tensor weight;  // [G*H, P], contiguous
   int64_t gates = 0, batch = 0;
-  // The forward's fused steps split the work one of two ways, each thread with its own part:
-  // - by rows: batch rows are independent sequences, so each thread runs its rows through
-  //   every step on its own, with no barrier between steps; all threads share one packed w_hh
-  //   (`by_rows`, packed for `rows_per_part` rows). Used where that weight fits a core's cache.
+  // Fused steps split the work one of two ways, each thread with its own part:
+  // - by rows (forward and backward): batch rows are independent sequences, so each thread
+  //   runs its rows through every step on its own, with no barrier between steps; all threads
+  //   share one packed w_hh (`by_rows`: w_hhᵀ for the forward, w_hh for the backward, packed
+  //   for `rows_per_part` rows). Used where that weight fits a core's cache.
   // - by units: a thread's units [begin, end) and the G gate rows of w_hh that compute them
   //   (rows g*H + [begin, end) for every g), gathered and packed as one [G*units, P] matrix:
   //   one GEMM per thread and step writes that block's gates, in a blocked hg layout (see
@@ -130,7 +141,7 @@ struct CpuStepWeights final : StepWeights {
     std::unique_ptr<cpu::PackedWeight> rows;
   };
   std::vector<Block> blocks;  // forward, by units; both empty: steps run unfused
-  std::unique_ptr<cpu::PackedWeight> backward;  // backward: w_hh packed as is, or null
+  std::unique_ptr<cpu::PackedWeight> backward;  // backward, unsplit: w_hh packed for `batch`
 };
 
 // The largest w_hh (bytes) split by rows: every thread reads all of it each step, so it must
@@ -148,19 +159,21 @@ std::unique_ptr<StepWeights> prepare_step_cpu(CellKind kind, StepPass pass, cons
   const int64_t G = prepared->gates, H = w_hh.size(0) / G, P = w_hh.size(1);
   if (w_hh.scalar_type() != at::kFloat || batch == 0) return prepared;
   const float* w = prepared->weight.const_data_ptr<float>();
-  if (pass == StepPass::kBackward) {
-    prepared->backward = cpu::PackedWeight::pack(w, P, G * H, P, batch, /*transposed=*/false);
-    return prepared;
-  }
-
   const int64_t work = batch * G * H * P;
   const int64_t threads = work < cpu::kSerialGemmWork ? 1 : at::get_num_threads();
   if (threads > 1 && batch % threads == 0 && batch / threads >= kRowSplitMinRows &&
       G * H * P * static_cast<int64_t>(sizeof(float)) <= kRowSplitWeightBytes) {
     prepared->rows_per_part = batch / threads;
-    prepared->by_rows = cpu::PackedWeight::pack(w, G * H, P, P, prepared->rows_per_part,
-                                                /*transposed=*/true);
+    const bool forward = pass == StepPass::kForward;
+    prepared->by_rows = forward ? cpu::PackedWeight::pack(w, G * H, P, P, prepared->rows_per_part,
+                                                          /*transposed=*/true)
+                                : cpu::PackedWeight::pack(w, P, G * H, P, prepared->rows_per_part,
+                                                          /*transposed=*/false);
     if (prepared->by_rows) return prepared;
+  }
+  if (pass == StepPass::kBackward) {
+    prepared->backward = cpu::PackedWeight::pack(w, P, G * H, P, batch, /*transposed=*/false);
+    return prepared;
   }
   const int64_t count = std::clamp<int64_t>(threads, 1, std::max<int64_t>(1, H / 16));
   for (int64_t k = 0; k < count; ++k) {
@@ -280,19 +293,60 @@ void forward_steps_cpu(CellKind kind, DataType type, const StepWeights& step_wei
   }
 }
 
-void step_backward_gemm_cpu(DataType type, const StepWeights& step, MatrixRef dh,
-                            MatrixRef dgates, double beta) {
-  const auto& w = static_cast<const CpuStepWeights&>(step);
-  if (w.backward && dh.rows == w.batch) {
-    return w.backward->multiply(static_cast<const float*>(dgates.data), dgates.stride,
-                                static_cast<float*>(dh.data), dh.stride, static_cast<float>(beta));
+// A backward step unfused: the pointwise step, then the whole GEMM (each parallel on its own).
+void unfused_backward_step(CellKind kind, DataType type, const CpuStepWeights& w,
+                           const BackwardStep& step) {
+  backward_cpu(kind, type, step.p);
+  if (w.backward && step.dh.rows == w.batch) {
+    return w.backward->multiply(static_cast<const float*>(step.dgates.data), step.dgates.stride,
+                                static_cast<float*>(step.dh.data), step.dh.stride,
+                                static_cast<float>(step.beta));
   }
-  gemm_cpu(type, dh, dgates, matrix_of(w.weight), /*transpose_b=*/false, beta);
+  gemm_cpu(type, step.dh, step.dgates, matrix_of(w.weight), /*transpose_b=*/false, step.beta);
+}
+
+// Backward steps [first, last), all of the batch, split by rows in one parallel region (see
+// CpuStepWeights): each thread runs its rows' pointwise step and GEMM through every step.
+void fused_backward_steps(CellKind kind, DataType type, const CpuStepWeights& w,
+                          const BackwardStep* steps, int64_t first, int64_t last) {
+  const int64_t rows = w.rows_per_part, parts = w.batch / rows;
+#pragma omp parallel num_threads(static_cast<int>(parts))
+  {
+    const cpu::SerialBlas serial;
+    const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
+    for (int64_t part = me; part < parts; part += team) {
+      const int64_t b0 = part * rows;
+      for (int64_t t = first; t < last; ++t) {
+        const BackwardStep& step = steps[t];
+        backward_range(kind, type.dtype, step.p, b0, b0 + rows);
+        w.by_rows->multiply(static_cast<const float*>(step.dgates.data) + b0 * step.dgates.stride,
+                            step.dgates.stride,
+                            static_cast<float*>(step.dh.data) + b0 * step.dh.stride,
+                            step.dh.stride, static_cast<float>(step.beta));
+      }
+    }
+  }
+}
+
+void backward_steps_cpu(CellKind kind, DataType type, const StepWeights& step_weights,
+                        const BackwardStep* steps, int64_t count) {
+  const auto& w = static_cast<const CpuStepWeights&>(step_weights);
+  auto fusable = [&](int64_t i) { return w.by_rows && steps[i].p.rows == w.batch; };
+  for (int64_t i = 0; i < count;) {
+    if (!fusable(i)) {
+      unfused_backward_step(kind, type, w, steps[i++]);
+      continue;
+    }
+    int64_t last = i;
+    while (last < count && fusable(last)) ++last;
+    fused_backward_steps(kind, type, w, steps, i, last);
+    i = last;
+  }
 }
 
 const bool registered = register_device_kernels(
     c10::DeviceType::CPU, {forward_cpu, backward_cpu, gemm_cpu, prepare_step_cpu, forward_steps_cpu,
-                           step_backward_gemm_cpu});
+                           backward_steps_cpu});
 
 }  // namespace
 }  // namespace rnn_ext

@@ -111,15 +111,19 @@ void forward_steps_cuda(CellKind kind, DataType type, const StepWeights& weights
   }
 }
 
-void step_backward_gemm_cuda(DataType type, const StepWeights& weights, MatrixRef dh,
-                             MatrixRef dgates, double beta) {
-  gemm_cuda(type, dh, dgates, matrix_of(static_cast<const CudaStepWeights&>(weights).weight),
-            /*transpose_b=*/false, beta);
+void backward_steps_cuda(CellKind kind, DataType type, const StepWeights& weights,
+                         const BackwardStep* steps, int64_t count) {
+  const at::Tensor& w = static_cast<const CudaStepWeights&>(weights).weight;
+  for (int64_t i = 0; i < count; ++i) {
+    backward_cuda(kind, type, steps[i].p);
+    gemm_cuda(type, steps[i].dh, steps[i].dgates, matrix_of(w), /*transpose_b=*/false,
+              steps[i].beta);
+  }
 }
 
 const bool registered = register_device_kernels(
     c10::DeviceType::CUDA, {forward_cuda, backward_cuda, gemm_cuda, prepare_step_cuda,
-                            forward_steps_cuda, step_backward_gemm_cuda});
+                            forward_steps_cuda, backward_steps_cuda});
 
 }  // namespace
 }  // namespace rnn_ext
