@@ -688,34 +688,41 @@ def test_parallel_rows(mode):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
+                         ids=["float32", "float64", "bfloat16"])
 @pytest.mark.parametrize("batch", [32, 30], ids=["split_by_rows", "split_by_units"])
 @pytest.mark.parametrize("mode", list(MODES))
-def test_fused_float32_steps_on_two_threads(mode, batch):
-    """The CPU's fused float32 forward steps on two threads, in both of their work splits
-    (a batch of 2 x 16 rows runs each half as its own sequence; 30 rows split the hidden units,
-    with a barrier per step), over a packed, bidirectional input whose later steps shrink the
-    batch (those run unfused) and whose reverse direction joins states: outputs and gradients
-    match torch.nn's float32 results."""
+def test_steps_on_two_threads(mode, batch, dtype):
+    """The CPU's multi-threaded steps, forward and backward, in both of their work splits (a
+    batch of 2 x 16 rows runs each half as its own sequence where w_hh fits a core's cache;
+    30 rows split the hidden units in float32, with a barrier per step), over a packed,
+    bidirectional input whose later steps shrink the batch (those run unfused) and whose
+    reverse direction joins states: outputs and gradients match torch.nn's (in float32 for a
+    bfloat16 layer, on the same bfloat16 values)."""
+    tol = {torch.float32: 2e-5, torch.float64: 1e-10, torch.bfloat16: 5e-2}[dtype]
+    ref_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         # H = 192: every step's GEMM is past the size that runs on one thread
-        ref, ext = make_pair(mode, dtype=torch.float32, input_size=24, hidden_size=192,
+        ref, ext = make_pair(mode, dtype=ref_dtype, input_size=24, hidden_size=192,
                              bidirectional=True)
+        ext = ext.to(dtype)
+        ref.load_state_dict({k: v.to(ref_dtype) for k, v in ext.state_dict().items()})
         torch.manual_seed(1)
         lengths = [7] * (batch - 4) + [5, 4, 2, 1]
-        x = torch.randn(7, batch, 24)
-        packed = pack_padded_sequence(x, lengths)
-        ext_out, ext_h = ext(packed)
-        ref_out, ref_h = ref(packed)
-        assert_close(ext_out.data, ref_out.data, 2e-5, "output")
+        x = torch.randn(7, batch, 24).to(dtype)
+        ext_out, ext_h = ext(pack_padded_sequence(x, lengths))
+        ref_out, ref_h = ref(pack_padded_sequence(x.to(ref_dtype), lengths))
+        assert ext_out.data.dtype == dtype
+        assert_close(ext_out.data.to(ref_dtype), ref_out.data, tol, "output")
         for a, b in zip(hidden_list(ext_h), hidden_list(ref_h)):
-            assert_close(a, b, 2e-5, "state")
+            assert_close(a.to(ref_dtype), b, tol, "state")
         w = torch.randn_like(ref_out.data)
-        got = torch.autograd.grad((ext_out.data * w).sum(), list(ext.parameters()))
+        got = torch.autograd.grad((ext_out.data * w.to(dtype)).sum(), list(ext.parameters()))
         want = torch.autograd.grad((ref_out.data * w).sum(), list(ref.parameters()))
         for a, b in zip(got, want):
-            assert rel_err(a, b) < 1e-5
+            assert rel_err(a, b) < tol
     finally:
         torch.set_num_threads(threads)
 

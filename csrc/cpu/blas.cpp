@@ -131,6 +131,15 @@ void bf16_gemm(MatrixRef out, MatrixRef a, MatrixRef b, bool transpose_b, double
 
 }  // namespace
 
+bool blas_supports(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat: return sgemm_ != nullptr;
+    case at::kDouble: return dgemm_ != nullptr;
+    case at::kBFloat16: return cblas_gemm_bf16bf16f32 != nullptr;
+    default: return false;
+  }
+}
+
 bool blas_gemm(at::ScalarType dtype, MatrixRef out, MatrixRef a, MatrixRef b, bool transpose_b,
                double beta) {
   if (!fits_int({a.rows, a.cols, out.cols, a.stride, b.stride, out.stride})) return false;

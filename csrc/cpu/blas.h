@@ -33,6 +33,9 @@ class SerialBlas {
   int previous_;
 };
 
+// Whether blas_gemm has a routine for `dtype` in this torch build.
+bool blas_supports(at::ScalarType dtype);
+
 // out [M, N] = beta * out + a [M, K] @ (transpose_b ? bᵀ : b); row-major with row strides.
 // Returns false (and does nothing) where no BLAS routine fits: the caller uses ATen.
 bool blas_gemm(at::ScalarType dtype, MatrixRef out, MatrixRef a, MatrixRef b, bool transpose_b,

@@ -126,16 +126,17 @@ struct CpuStepWeights final : StepWeights {
   Tensor weight;  // [G*H, P], contiguous
   int64_t gates = 0, batch = 0;
   // Fused steps split the work one of two ways, each thread with its own part:
-  // - by rows (forward and backward): batch rows are independent sequences, so each thread
-  //   runs its rows through every step on its own, with no barrier between steps; all threads
-  //   share one packed w_hh (`by_rows`: w_hhᵀ for the forward, w_hh for the backward, packed
-  //   for `rows_per_part` rows). Used where that weight fits a core's cache.
+  // - by rows (forward and backward; `rows_per_part` > 0): batch rows are independent
+  //   sequences, so each thread runs its rows through every step on its own, with no barrier
+  //   between steps. In float32 all threads share one packed w_hh (`by_rows`: w_hhᵀ for the
+  //   forward, w_hh for the backward, packed for `rows_per_part` rows); other types call BLAS
+  //   per part. Used where w_hh fits a core's cache.
   // - by units: a thread's units [begin, end) and the G gate rows of w_hh that compute them
   //   (rows g*H + [begin, end) for every g), gathered and packed as one [G*units, P] matrix:
   //   one GEMM per thread and step writes that block's gates, in a blocked hg layout (see
   //   fused_block_step); a barrier ends each step, since the next reads every unit.
-  std::unique_ptr<cpu::PackedWeight> by_rows;
   int64_t rows_per_part = 0;
+  std::unique_ptr<cpu::PackedWeight> by_rows;
   struct Block {
     int64_t begin = 0, end = 0;
     std::unique_ptr<cpu::PackedWeight> rows;
@@ -157,20 +158,28 @@ std::unique_ptr<StepWeights> prepare_step_cpu(CellKind kind, StepPass pass, cons
   prepared->gates = gates_per_unit(kind);
   prepared->batch = batch;
   const int64_t G = prepared->gates, H = w_hh.size(0) / G, P = w_hh.size(1);
-  if (w_hh.scalar_type() != at::kFloat || batch == 0) return prepared;
-  const float* w = prepared->weight.const_data_ptr<float>();
+  const at::ScalarType dtype = w_hh.scalar_type();
+  if (batch == 0 || !cpu::blas_supports(dtype)) return prepared;
   const int64_t work = batch * G * H * P;
   const int64_t threads = work < cpu::kSerialGemmWork ? 1 : at::get_num_threads();
   if (threads > 1 && batch % threads == 0 && batch / threads >= kRowSplitMinRows &&
-      G * H * P * static_cast<int64_t>(sizeof(float)) <= kRowSplitWeightBytes) {
-    prepared->rows_per_part = batch / threads;
-    const bool forward = pass == StepPass::kForward;
-    prepared->by_rows = forward ? cpu::PackedWeight::pack(w, G * H, P, P, prepared->rows_per_part,
-                                                          /*transposed=*/true)
-                                : cpu::PackedWeight::pack(w, P, G * H, P, prepared->rows_per_part,
-                                                          /*transposed=*/false);
-    if (prepared->by_rows) return prepared;
+      G * H * P * w_hh.element_size() <= kRowSplitWeightBytes) {
+    const int64_t rows = batch / threads;
+    if (dtype != at::kFloat) {
+      prepared->rows_per_part = rows;
+      return prepared;
+    }
+    const float* w = prepared->weight.const_data_ptr<float>();
+    prepared->by_rows = pass == StepPass::kForward
+                            ? cpu::PackedWeight::pack(w, G * H, P, P, rows, /*transposed=*/true)
+                            : cpu::PackedWeight::pack(w, P, G * H, P, rows, /*transposed=*/false);
+    if (prepared->by_rows) {
+      prepared->rows_per_part = rows;
+      return prepared;
+    }
   }
+  if (dtype != at::kFloat) return prepared;
+  const float* w = prepared->weight.const_data_ptr<float>();
   if (pass == StepPass::kBackward) {
     prepared->backward = cpu::PackedWeight::pack(w, P, G * H, P, batch, /*transposed=*/false);
     return prepared;
@@ -216,15 +225,28 @@ void unfused_step(CellKind kind, DataType type, const CpuStepWeights& w, const F
   forward_cpu(kind, type, p);
 }
 
+// Rows [b0, b0 + rows) of a row-major matrix.
+MatrixRef part_rows(MatrixRef m, int64_t b0, int64_t rows, DataType type) {
+  return {static_cast<char*>(m.data) + b0 * m.stride * c10::elementSize(type.dtype), rows, m.cols,
+          m.stride};
+}
+
 // A step for rows [b0, b0 + w.rows_per_part) and every unit, on the calling thread.
 void fused_rows_step(CellKind kind, DataType type, const CpuStepWeights& w,
                      const ForwardStep& step, int64_t b0) {
   const ForwardPointers<void>& p = step.p;
   const int64_t G = w.gates, H = p.hidden, GH = G * H, P = w.weight.size(1);
   const int64_t rows = w.rows_per_part;
-  prefetch_gate_columns(static_cast<const float*>(p.xg) + b0 * GH, rows, G, H, 0, H);
-  w.by_rows->multiply(static_cast<const float*>(step.h_prev) + b0 * P, P,
-                      static_cast<float*>(const_cast<void*>(p.hg)) + b0 * GH, GH);
+  const MatrixRef hg = part_rows({const_cast<void*>(p.hg), p.rows, GH, GH}, b0, rows, type);
+  const MatrixRef h_prev =
+      part_rows({const_cast<void*>(step.h_prev), p.rows, P, P}, b0, rows, type);
+  if (w.by_rows) {
+    prefetch_gate_columns(static_cast<const float*>(p.xg) + b0 * GH, rows, G, H, 0, H);
+    w.by_rows->multiply(static_cast<const float*>(h_prev.data), P, static_cast<float*>(hg.data),
+                        GH);
+  } else {
+    gemm_cpu(type, hg, h_prev, matrix_of(w.weight), /*transpose_b=*/true, 0);
+  }
   forward_range(kind, type.dtype, p, {b0, b0 + rows, 0, H});
 }
 
@@ -251,13 +273,14 @@ void fused_block_step(CellKind kind, DataType type, const CpuStepWeights& w,
 // region. MKL runs serially inside it: each thread already has its share.
 void fused_steps(CellKind kind, DataType type, const CpuStepWeights& w, const ForwardStep* steps,
                  int64_t first, int64_t last) {
-  const int64_t parts = w.by_rows ? w.batch / w.rows_per_part
-                                  : static_cast<int64_t>(w.blocks.size());
+  const bool by_rows = w.rows_per_part > 0;
+  const int64_t parts = by_rows ? w.batch / w.rows_per_part
+                                : static_cast<int64_t>(w.blocks.size());
 #pragma omp parallel num_threads(static_cast<int>(parts))
   {
     const cpu::SerialBlas serial;
     const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
-    if (w.by_rows) {
+    if (by_rows) {
       // No barriers: a part's rows depend only on their own previous step.
       for (int64_t part = me; part < parts; part += team) {
         for (int64_t t = first; t < last; ++t) {
@@ -279,7 +302,7 @@ void forward_steps_cpu(CellKind kind, DataType type, const StepWeights& step_wei
   // The packed weights fit only the batch they were packed for (a packed sequence's later
   // steps shrink it): those steps run unfused.
   auto fusable = [&](int64_t i) {
-    return (w.by_rows || !w.blocks.empty()) && steps[i].p.rows == w.batch;
+    return (w.rows_per_part > 0 || !w.blocks.empty()) && steps[i].p.rows == w.batch;
   };
   for (int64_t i = 0; i < count;) {
     if (!fusable(i)) {
@@ -319,10 +342,15 @@ void fused_backward_steps(CellKind kind, DataType type, const CpuStepWeights& w,
       for (int64_t t = first; t < last; ++t) {
         const BackwardStep& step = steps[t];
         backward_range(kind, type.dtype, step.p, b0, b0 + rows);
-        w.by_rows->multiply(static_cast<const float*>(step.dgates.data) + b0 * step.dgates.stride,
-                            step.dgates.stride,
-                            static_cast<float*>(step.dh.data) + b0 * step.dh.stride,
-                            step.dh.stride, static_cast<float>(step.beta));
+        const MatrixRef dh = part_rows(step.dh, b0, rows, type);
+        const MatrixRef dgates = part_rows(step.dgates, b0, rows, type);
+        if (w.by_rows) {
+          w.by_rows->multiply(static_cast<const float*>(dgates.data), dgates.stride,
+                              static_cast<float*>(dh.data), dh.stride,
+                              static_cast<float>(step.beta));
+        } else {
+          gemm_cpu(type, dh, dgates, matrix_of(w.weight), /*transpose_b=*/false, step.beta);
+        }
       }
     }
   }
@@ -331,7 +359,7 @@ void fused_backward_steps(CellKind kind, DataType type, const CpuStepWeights& w,
 void backward_steps_cpu(CellKind kind, DataType type, const StepWeights& step_weights,
                         const BackwardStep* steps, int64_t count) {
   const auto& w = static_cast<const CpuStepWeights&>(step_weights);
-  auto fusable = [&](int64_t i) { return w.by_rows && steps[i].p.rows == w.batch; };
+  auto fusable = [&](int64_t i) { return w.rows_per_part > 0 && steps[i].p.rows == w.batch; };
   for (int64_t i = 0; i < count;) {
     if (!fusable(i)) {
       unfused_backward_step(kind, type, w, steps[i++]);
