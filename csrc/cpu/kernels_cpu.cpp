@@ -1,15 +1,17 @@
-// CPU kernels. The pointwise step splits rows (or, inside a fused step, units) over threads;
-// the units of a row run in a loop that the compiler vectorises (the gate math is branch-free,
-// see cell_math.h). The step GEMM calls BLAS directly (blas.h). A fused forward step gives each
-// thread a block of units: it multiplies h_prev by its own packed slice of w_hh (the G gate rows
-// of its units) and runs the pointwise math of those units while their gates are in its cache.
+// CPU kernels. The pointwise step splits rows over threads; the units of a row run in a loop
+// that the compiler vectorises (the gate math is branch-free, see cell_math.h). GEMMs call BLAS
+// directly (blas.h). A layer's steps, forward and backward, run fused in one parallel region
+// (CpuStepWeights says how the threads split the work): each thread multiplies its rows of
+// h_prev, or h_prev by its slice of w_hh, and runs the pointwise math of that part while its
+// gates are in its cache.
 #include <algorithm>
+#include <atomic>
+#include <exception>
 #include <vector>
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #include <omp.h>
@@ -269,31 +271,57 @@ void fused_block_step(CellKind kind, DataType type, const CpuStepWeights& w,
   forward_range(kind, type.dtype, q, {0, p.rows, block.begin, block.end});
 }
 
-// Steps [first, last), all of the batch the weights were packed for, fused in one parallel
-// region. MKL runs serially inside it: each thread already has its share.
-void fused_steps(CellKind kind, DataType type, const CpuStepWeights& w, const ForwardStep* steps,
-                 int64_t first, int64_t last) {
-  const bool by_rows = w.rows_per_part > 0;
-  const int64_t parts = by_rows ? w.batch / w.rows_per_part
-                                : static_cast<int64_t>(w.blocks.size());
+// Runs work(part, t) for every part in [0, parts) and step t in [first, last), in one parallel
+// region of up to `parts` threads, each with its parts; MKL runs serially inside (each thread
+// already has its share). With `barrier_per_step`, all parts finish a step before any starts the
+// next; without, a thread runs each of its parts through all the steps. An exception may not
+// leave an OpenMP region: the first one thrown stops the work (every thread still passes every
+// barrier) and is rethrown here.
+template <typename Work>
+void run_parts(int64_t parts, int64_t first, int64_t last, bool barrier_per_step,
+               const Work& work) {
+  std::exception_ptr error;
+  std::atomic<bool> failed{false};
+  auto guarded = [&](int64_t part, int64_t t) {
+    if (failed.load(std::memory_order_relaxed)) return;
+    try {
+      work(part, t);
+    } catch (...) {
+#pragma omp critical(rnn_ext_parts_error)
+      if (!error) error = std::current_exception();
+      failed = true;
+    }
+  };
 #pragma omp parallel num_threads(static_cast<int>(parts))
   {
     const cpu::SerialBlas serial;
     const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
-    if (by_rows) {
-      // No barriers: a part's rows depend only on their own previous step.
-      for (int64_t part = me; part < parts; part += team) {
-        for (int64_t t = first; t < last; ++t) {
-          fused_rows_step(kind, type, w, steps[t], part * w.rows_per_part);
-        }
+    if (barrier_per_step) {
+      for (int64_t t = first; t < last; ++t) {
+        for (int64_t part = me; part < parts; part += team) guarded(part, t);
+#pragma omp barrier
       }
     } else {
-      for (int64_t t = first; t < last; ++t) {
-        for (int64_t k = me; k < parts; k += team) fused_block_step(kind, type, w, steps[t], k);
-#pragma omp barrier
+      for (int64_t part = me; part < parts; part += team) {
+        for (int64_t t = first; t < last; ++t) guarded(part, t);
       }
     }
   }
+  if (error) std::rethrow_exception(error);
+}
+
+// Steps [first, last), all of the batch the weights were prepared for, fused (see
+// CpuStepWeights). Split by rows, a part's rows depend only on their own previous step: no
+// barriers. Split by units, the next step reads every unit: a barrier per step.
+void fused_steps(CellKind kind, DataType type, const CpuStepWeights& w, const ForwardStep* steps,
+                 int64_t first, int64_t last) {
+  if (w.rows_per_part > 0) {
+    return run_parts(w.batch / w.rows_per_part, first, last, false, [&](int64_t part, int64_t t) {
+      fused_rows_step(kind, type, w, steps[t], part * w.rows_per_part);
+    });
+  }
+  run_parts(static_cast<int64_t>(w.blocks.size()), first, last, true,
+            [&](int64_t k, int64_t t) { fused_block_step(kind, type, w, steps[t], k); });
 }
 
 void forward_steps_cpu(CellKind kind, DataType type, const StepWeights& step_weights,
@@ -328,32 +356,24 @@ void unfused_backward_step(CellKind kind, DataType type, const CpuStepWeights& w
   gemm_cpu(type, step.dh, step.dgates, matrix_of(w.weight), /*transpose_b=*/false, step.beta);
 }
 
-// Backward steps [first, last), all of the batch, split by rows in one parallel region (see
-// CpuStepWeights): each thread runs its rows' pointwise step and GEMM through every step.
+// Backward steps [first, last), all of the batch, split by rows (see CpuStepWeights): each
+// thread runs its rows' pointwise step and GEMM through every step, with no barrier.
 void fused_backward_steps(CellKind kind, DataType type, const CpuStepWeights& w,
                           const BackwardStep* steps, int64_t first, int64_t last) {
-  const int64_t rows = w.rows_per_part, parts = w.batch / rows;
-#pragma omp parallel num_threads(static_cast<int>(parts))
-  {
-    const cpu::SerialBlas serial;
-    const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
-    for (int64_t part = me; part < parts; part += team) {
-      const int64_t b0 = part * rows;
-      for (int64_t t = first; t < last; ++t) {
-        const BackwardStep& step = steps[t];
-        backward_range(kind, type.dtype, step.p, b0, b0 + rows);
-        const MatrixRef dh = part_rows(step.dh, b0, rows, type);
-        const MatrixRef dgates = part_rows(step.dgates, b0, rows, type);
-        if (w.by_rows) {
-          w.by_rows->multiply(static_cast<const float*>(dgates.data), dgates.stride,
-                              static_cast<float*>(dh.data), dh.stride,
-                              static_cast<float>(step.beta));
-        } else {
-          gemm_cpu(type, dh, dgates, matrix_of(w.weight), /*transpose_b=*/false, step.beta);
-        }
-      }
+  const int64_t rows = w.rows_per_part;
+  run_parts(w.batch / rows, first, last, false, [&](int64_t part, int64_t t) {
+    const BackwardStep& step = steps[t];
+    const int64_t b0 = part * rows;
+    backward_range(kind, type.dtype, step.p, b0, b0 + rows);
+    const MatrixRef dh = part_rows(step.dh, b0, rows, type);
+    const MatrixRef dgates = part_rows(step.dgates, b0, rows, type);
+    if (w.by_rows) {
+      w.by_rows->multiply(static_cast<const float*>(dgates.data), dgates.stride,
+                          static_cast<float*>(dh.data), dh.stride, static_cast<float>(step.beta));
+    } else {
+      gemm_cpu(type, dh, dgates, matrix_of(w.weight), /*transpose_b=*/false, step.beta);
     }
-  }
+  });
 }
 
 void backward_steps_cpu(CellKind kind, DataType type, const StepWeights& step_weights,
