@@ -40,7 +40,7 @@ struct MatrixRef {
 
 // A layer's recurrent weight w_hh [G*H, P], prepared once per layer call for the steps of its
 // forward (forward_steps) or of its backward (backward_steps): the CPU packs it for BLAS
-// (split by units across threads for the forward); CUDA keeps the tensor.
+// (see cpu/kernels_cpu.cpp: CpuStepWeights); CUDA keeps the tensor.
 struct StepWeights {
   virtual ~StepWeights() = default;
 };

@@ -9,8 +9,9 @@
 // previous step's rows of y (a contiguous prefix: sequences are sorted longest first), so no
 // state is copied. c is updated in place; rows past bs keep their values. Backward runs the
 // steps in the opposite order, dh (and dc) in place; after the loop, dW_hh = Σ_t dhg[t]ᵀ h_prev[t]
-// is one GEMM over all N rows.
+// is GEMMs over all N rows (recurrent_weight_grad).
 #include <algorithm>
+#include <functional>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -95,6 +96,26 @@ Tensor final_states(const Tensor& y, const Tensor& h0, const Steps& steps, bool 
   return h_n;
 }
 
+// Steps waiting to run in one device call (kernels.h: forward_steps / backward_steps, which a
+// device may run in one parallel region): the recurrence queues them until it needs host work
+// between two steps, and at the end.
+template <typename Step>
+class StepQueue {
+ public:
+  explicit StepQueue(std::function<void(const Step*, int64_t)> run_steps)
+      : run_steps_(std::move(run_steps)) {}
+  void push(const Step& step) { steps_.push_back(step); }
+  void run() {
+    if (steps_.empty()) return;
+    run_steps_(steps_.data(), static_cast<int64_t>(steps_.size()));
+    steps_.clear();
+  }
+
+ private:
+  std::function<void(const Step*, int64_t)> run_steps_;
+  std::vector<Step> steps_;
+};
+
 struct LayerForward {
   Tensor y;      // [N, P]
   Tensor h_n;    // [B, P]
@@ -136,15 +157,10 @@ LayerForward run_layer_forward(const char* op, CellKind kind, const Tensor& xg,
   const auto step_weights = kernels.prepare_step(kind, StepPass::kForward, w, s.batch);
 
   const DataType type = data_type_of(x);
-  // Steps queue up and run in one call (kernels.h: forward_steps) until one needs host work in
-  // between: joining its start state, or its projection.
-  std::vector<ForwardStep> queued;
-  auto run_queued = [&] {
-    if (queued.empty()) return;
-    kernels.forward_steps(kind, type, *step_weights, queued.data(),
-                          static_cast<int64_t>(queued.size()));
-    queued.clear();
-  };
+  // Host work between steps (joining a start state, the projection) runs the queue first.
+  StepQueue<ForwardStep> queued([&](const ForwardStep* queue, int64_t count) {
+    kernels.forward_steps(kind, type, *step_weights, queue, count);
+  });
   for (int64_t i = 0; i < steps.count(); ++i) {
     const int64_t t = steps.forward_order(i, reverse);
     const int64_t bs = steps.batch[t], off = steps.offset[t];
@@ -157,7 +173,7 @@ LayerForward run_layer_forward(const char* op, CellKind kind, const Tensor& xg,
       const int64_t carried = steps.batch[before];
       h_prev = row_pointer(out.y, steps.offset[before]);
       if (bs > carried) {
-        run_queued();
+        queued.run();
         if (!joined.defined()) joined = at::empty({s.batch, s.out}, opts);
         joined.narrow(0, 0, carried).copy_(out.y.narrow(0, steps.offset[before], carried));
         joined.narrow(0, carried, bs - carried).copy_(h_init.narrow(0, carried, bs - carried));
@@ -171,14 +187,14 @@ LayerForward run_layer_forward(const char* op, CellKind kind, const Tensor& xg,
                                   proj ? row_pointer(r) : y_t,           c,
                                   saves ? row_pointer(out.saved, off) : nullptr,
                                   bs,                  s.hidden};
-    queued.push_back({h_prev, p});
+    queued.push({h_prev, p});
     if (proj) {
-      run_queued();
+      queued.run();
       kernels.gemm(type, {y_t, bs, s.out, s.out}, matrix_rows(r, 0, bs), matrix_of(w_proj),
                    /*transpose_b=*/true, 0);
     }
   }
-  run_queued();
+  queued.run();
   out.h_n = final_states(out.y, h_init, steps, reverse);
   return out;
 }
@@ -242,7 +258,8 @@ Tensor recurrent_weight_grad(const Tensor& grad_hg, const Tensor& y, const Tenso
   const int64_t first = reverse ? N - B : 0;  // the rows of the step that starts from h0
   Tensor grad = grad_hg.narrow(0, first, B).t().mm(h0);
   if (N > B) {
-    grad.addmm_(grad_hg.narrow(0, reverse ? 0 : B, N - B).t(), y.narrow(0, reverse ? B : 0, N - B));
+    grad.addmm_(grad_hg.narrow(0, reverse ? 0 : B, N - B).t(),
+                y.narrow(0, reverse ? B : 0, N - B));
   }
   return grad;
 }
@@ -292,15 +309,10 @@ LayerBackward run_layer_backward(const char* op, CellKind kind, const Tensor& gr
 
   const DataType type = data_type_of(gy);
   const auto step_weights = kernels.prepare_step(kind, StepPass::kBackward, w, s.batch);
-  // Steps queue up and run in one call (kernels.h: backward_steps) unless a projection needs
-  // host work between them.
-  std::vector<BackwardStep> queued;
-  auto run_queued = [&] {
-    if (queued.empty()) return;
-    kernels.backward_steps(kind, type, *step_weights, queued.data(),
-                           static_cast<int64_t>(queued.size()));
-    queued.clear();
-  };
+  // Host work between steps (the projection's) runs the queue first.
+  StepQueue<BackwardStep> queued([&](const BackwardStep* queue, int64_t count) {
+    kernels.backward_steps(kind, type, *step_weights, queue, count);
+  });
   for (int64_t i = steps.count() - 1; i >= 0; --i) {
     const int64_t t = steps.forward_order(i, reverse);
     const int64_t bs = steps.batch[t], off = steps.offset[t];
@@ -312,7 +324,7 @@ LayerBackward run_layer_backward(const char* op, CellKind kind, const Tensor& gr
     const void* grad_h_new = dh;
     const void* grad_h_add = row_pointer(gy, off);
     if (proj) {
-      run_queued();
+      queued.run();
       const Tensor dh_rows = out.grad_h0.narrow(0, 0, bs);
       dh_rows.add_(gy.narrow(0, off, bs));
       dh_all.narrow(0, off, bs).copy_(dh_rows);
@@ -327,10 +339,10 @@ LayerBackward run_layer_backward(const char* op, CellKind kind, const Tensor& gr
                                    gru ? dh : nullptr, dc,
                                    bs, s.hidden};
     // dh_prev = (GRU: z dh) + dhg @ W_hh; beta 0 discards dh's old contents otherwise.
-    queued.push_back({p, matrix_rows(out.grad_h0, 0, bs), matrix_rows(grad_hg, off, bs),
-                      gru ? 1.0 : 0.0});
+    queued.push({p, matrix_rows(out.grad_h0, 0, bs), matrix_rows(grad_hg, off, bs),
+                 gru ? 1.0 : 0.0});
   }
-  run_queued();
+  queued.run();
 
   out.grad_w_hh = recurrent_weight_grad(grad_hg, y, h0, steps, reverse);
   out.grad_b_hh = grad_hg.sum(0);
