@@ -310,6 +310,22 @@ void run_parts(int64_t parts, int64_t first, int64_t last, bool barrier_per_step
   if (error) std::rethrow_exception(error);
 }
 
+// Steps [0, count) in order: each maximal run of steps that `fusable` accepts through
+// fused(first, last), the others one at a time through unfused(i).
+template <typename Fusable, typename Fused, typename Unfused>
+void by_runs(int64_t count, const Fusable& fusable, const Fused& fused, const Unfused& unfused) {
+  for (int64_t i = 0; i < count;) {
+    if (!fusable(i)) {
+      unfused(i++);
+      continue;
+    }
+    int64_t last = i;
+    while (last < count && fusable(last)) ++last;
+    fused(i, last);
+    i = last;
+  }
+}
+
 // Steps [first, last), all of the batch the weights were prepared for, fused (see
 // CpuStepWeights). Split by rows, a part's rows depend only on their own previous step: no
 // barriers. Split by units, the next step reads every unit: a barrier per step.
@@ -329,19 +345,13 @@ void forward_steps_cpu(CellKind kind, DataType type, const StepWeights& step_wei
   const auto& w = static_cast<const CpuStepWeights&>(step_weights);
   // The packed weights fit only the batch they were packed for (a packed sequence's later
   // steps shrink it): those steps run unfused.
-  auto fusable = [&](int64_t i) {
-    return (w.rows_per_part > 0 || !w.blocks.empty()) && steps[i].p.rows == w.batch;
-  };
-  for (int64_t i = 0; i < count;) {
-    if (!fusable(i)) {
-      unfused_step(kind, type, w, steps[i++]);
-      continue;
-    }
-    int64_t last = i;
-    while (last < count && fusable(last)) ++last;
-    fused_steps(kind, type, w, steps, i, last);
-    i = last;
-  }
+  by_runs(
+      count,
+      [&](int64_t i) {
+        return (w.rows_per_part > 0 || !w.blocks.empty()) && steps[i].p.rows == w.batch;
+      },
+      [&](int64_t first, int64_t last) { fused_steps(kind, type, w, steps, first, last); },
+      [&](int64_t i) { unfused_step(kind, type, w, steps[i]); });
 }
 
 // A backward step unfused: the pointwise step, then the whole GEMM (each parallel on its own).
@@ -379,17 +389,10 @@ void fused_backward_steps(CellKind kind, DataType type, const CpuStepWeights& w,
 void backward_steps_cpu(CellKind kind, DataType type, const StepWeights& step_weights,
                         const BackwardStep* steps, int64_t count) {
   const auto& w = static_cast<const CpuStepWeights&>(step_weights);
-  auto fusable = [&](int64_t i) { return w.rows_per_part > 0 && steps[i].p.rows == w.batch; };
-  for (int64_t i = 0; i < count;) {
-    if (!fusable(i)) {
-      unfused_backward_step(kind, type, w, steps[i++]);
-      continue;
-    }
-    int64_t last = i;
-    while (last < count && fusable(last)) ++last;
-    fused_backward_steps(kind, type, w, steps, i, last);
-    i = last;
-  }
+  by_runs(
+      count, [&](int64_t i) { return w.rows_per_part > 0 && steps[i].p.rows == w.batch; },
+      [&](int64_t first, int64_t last) { fused_backward_steps(kind, type, w, steps, first, last); },
+      [&](int64_t i) { unfused_backward_step(kind, type, w, steps[i]); });
 }
 
 const bool registered = register_device_kernels(
