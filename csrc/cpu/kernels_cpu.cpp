@@ -122,7 +122,7 @@ void gemm_cpu(DataType type, MatrixRef out, MatrixRef a, MatrixRef b, bool trans
   }
 }
 
-// ---- the fused forward step ----
+// ---- fused steps ----
 
 struct CpuStepWeights final : StepWeights {
   Tensor weight;  // [G*H, P], contiguous
@@ -143,7 +143,7 @@ struct CpuStepWeights final : StepWeights {
     int64_t begin = 0, end = 0;
     std::unique_ptr<cpu::PackedWeight> rows;
   };
-  std::vector<Block> blocks;  // forward, by units; both empty: steps run unfused
+  std::vector<Block> blocks;  // forward, by units (no row split, no blocks: steps run unfused)
   std::unique_ptr<cpu::PackedWeight> backward;  // backward, unsplit: w_hh packed for `batch`
 };
 
