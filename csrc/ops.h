@@ -57,4 +57,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_layer_backward(
     const Tensor& grad_y, const Tensor& grad_h_n, const Tensor& w_hh, const Tensor& h0,
     const Tensor& y, const Tensor& workspace, const Tensor& batch_sizes, bool reverse);
 
+// ---- layers in inference (no backward): as the forward ops, from the layer's input x [N, I]
+// and w_ih [G*H, I] (b_ih [G*H]) instead of xg, which they compute a chunk of steps at a time ----
+std::tuple<Tensor, Tensor> rnn_layer_inference(const Tensor& x, const Tensor& w_ih,
+                                               const OptTensor& b_ih, const Tensor& w_hh,
+                                               const OptTensor& b_hh, const Tensor& h0,
+                                               const Tensor& batch_sizes, bool reverse,
+                                               std::string_view nonlinearity);
+std::tuple<Tensor, Tensor, Tensor> lstm_layer_inference(
+    const Tensor& x, const Tensor& w_ih, const OptTensor& b_ih, const Tensor& w_hh,
+    const OptTensor& b_hh, const OptTensor& w_hr, const Tensor& h0, const Tensor& c0,
+    const Tensor& batch_sizes, bool reverse);
+std::tuple<Tensor, Tensor> gru_layer_inference(const Tensor& x, const Tensor& w_ih,
+                                               const OptTensor& b_ih, const Tensor& w_hh,
+                                               const OptTensor& b_hh, const Tensor& h0,
+                                               const Tensor& batch_sizes, bool reverse);
+
 }  // namespace rnn_ext

@@ -116,6 +116,54 @@ class StepQueue {
   std::vector<Step> steps_;
 };
 
+// The input side of the steps' gate pre-activations, xg [N, G*H]. The differentiable layer ops
+// take it whole (autograd's F.linear computed it). The inference ops compute it here from
+// x [N, I] as x @ w_ihᵀ, a chunk of consecutive steps at a time, into one reused buffer of at
+// most kChunkBytes (or one step's rows): a long sequence's xg allocated whole is page-faulted in
+// on every call, which costs the CPU a tenth of an LSTM layer's time, and its chunks stay in cache
+// from their GEMM to their steps.
+class InputGates {
+ public:
+  static constexpr int64_t kChunkBytes = int64_t{4} << 20;
+
+  explicit InputGates(const Tensor& xg) : xg_(xg.contiguous()), lo_(0), hi_(xg_.size(0)) {}
+  // x: [N, I]; w_ih: [G*H, I]
+  InputGates(const Tensor& x, const Tensor& w_ih) : x_(x.contiguous()), w_ih_(w_ih.contiguous()) {}
+
+  // Whether rows [row, row + rows) of xg are at hand.
+  bool holds(int64_t row, int64_t rows) const { return row >= lo_ && row + rows <= hi_; }
+
+  // Projects the chunk of steps that starts at the i-th step to run: every following step whose
+  // rows still fit the budget (their rows are contiguous: steps run in row order, or in reverse).
+  void project(const DeviceKernels& kernels, const Steps& steps, int64_t i, bool reverse) {
+    const int64_t row_bytes = w_ih_.size(0) * x_.element_size();
+    const int64_t budget = std::max<int64_t>(1, kChunkBytes / row_bytes);
+    int64_t t = steps.forward_order(i, reverse);
+    lo_ = steps.offset[t];
+    hi_ = lo_ + steps.batch[t];
+    for (int64_t k = i + 1; k < steps.count(); ++k) {
+      t = steps.forward_order(k, reverse);
+      if (hi_ - lo_ + steps.batch[t] > budget) break;
+      lo_ = std::min(lo_, steps.offset[t]);
+      hi_ = std::max(hi_, steps.offset[t] + steps.batch[t]);
+    }
+    if (!xg_.defined() || xg_.size(0) < hi_ - lo_) {
+      xg_ = at::empty({std::min(std::max(budget, hi_ - lo_), x_.size(0)), w_ih_.size(0)},
+                      x_.options());
+    }
+    kernels.gemm(data_type_of(x_), matrix_rows(xg_, 0, hi_ - lo_), matrix_rows(x_, lo_, hi_ - lo_),
+                 matrix_of(w_ih_), /*transpose_b=*/true, 0);
+  }
+
+  // Row `row` of xg (held).
+  const void* row(int64_t row) const { return row_pointer(xg_, row - lo_); }
+
+ private:
+  Tensor x_, w_ih_;  // defined when projecting here
+  Tensor xg_;        // rows [lo_, hi_) of xg
+  int64_t lo_ = 0, hi_ = 0;
+};
+
 struct LayerForward {
   Tensor y;      // [N, P]
   Tensor h_n;    // [B, P]
@@ -123,24 +171,37 @@ struct LayerForward {
   Tensor saved;  // [N, S*H], or [0, S*H] when not saved (the RNN's workspace is y)
 };
 
-LayerForward run_layer_forward(const char* op, CellKind kind, const Tensor& xg,
-                               const Tensor& w_hh, const OptTensor& b_hh, const OptTensor& w_hr,
-                               const Tensor& h0, const Tensor& c0, const Tensor& batch_sizes,
-                               bool reverse, bool save) {
-  const ArgChecker check(op, xg);
+// The forward of one layer. `input` is xg [N, G*H], or x [N, I] when w_ih [G*H, I] is given
+// (the *_layer_inference ops); the pointwise step adds b_ih [G*H] when given.
+LayerForward run_layer_forward(const char* op, CellKind kind, const Tensor& input,
+                               const OptTensor& w_ih, const OptTensor& b_ih, const Tensor& w_hh,
+                               const OptTensor& b_hh, const OptTensor& w_hr, const Tensor& h0,
+                               const Tensor& c0, const Tensor& batch_sizes, bool reverse,
+                               bool save) {
+  const ArgChecker check(op, input);
   const LayerShape s = check_layer_weights(check, kind, w_hh, b_hh, w_hr, h0);
-  check(xg, "xg", {-1, s.gates * s.hidden});
+  const int64_t GH = s.gates * s.hidden;
+  const bool projects = w_ih.has_value() && w_ih->defined();
+  if (projects) {
+    check(input, "x", {-1, -1});
+    check(*w_ih, "w_ih", {GH, input.size(1)});
+  } else {
+    check(input, "xg", {-1, GH});
+  }
+  check(b_ih, "b_ih", {GH});
   const bool lstm = kind == CellKind::kLstm;
   if (lstm) check(c0, "c0", {s.batch, s.hidden});
-  const Steps steps = read_steps(op, batch_sizes, xg.size(0), s.batch);
-  const c10::DeviceGuard guard(xg.device());
+  const int64_t N = input.size(0);
+  const Steps steps = read_steps(op, batch_sizes, N, s.batch);
+  const c10::DeviceGuard guard(input.device());
   // The op is its own autograd boundary: the ATen calls inside it record no graph.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const auto& kernels = device_kernels(xg.device().type());
-  const auto opts = xg.options();
+  const auto& kernels = device_kernels(input.device().type());
+  const auto opts = input.options();
   const bool proj = w_hr.has_value() && w_hr->defined();
 
-  const Tensor x = xg.contiguous();
+  InputGates gates = projects ? InputGates(input, *w_ih) : InputGates(input);
+  const Tensor bias_ih = optional_contiguous(b_ih);
   const Tensor h_init = h0.contiguous();
   const Tensor w = w_hh.contiguous();
   const Tensor w_proj = proj ? w_hr->contiguous() : Tensor();
@@ -148,16 +209,16 @@ LayerForward run_layer_forward(const char* op, CellKind kind, const Tensor& xg,
   const bool saves = save && kind != CellKind::kRnnTanh && kind != CellKind::kRnnRelu;
 
   LayerForward out;
-  out.y = at::empty({x.size(0), s.out}, opts);
+  out.y = at::empty({N, s.out}, opts);
   if (lstm) out.c_n = c0.clone(at::MemoryFormat::Contiguous);  // the running c, in place
-  out.saved = at::empty({saves ? x.size(0) : 0, saved_per_unit(kind) * s.hidden}, opts);
+  out.saved = at::empty({saves ? N : 0, saved_per_unit(kind) * s.hidden}, opts);
   const Tensor hg = at::empty({s.batch, s.gates * s.hidden}, opts);
   const Tensor r = proj ? at::empty({s.batch, s.hidden}, opts) : Tensor();
   Tensor joined;  // [B, P] for a step whose batch outgrows the previous one (packed, reverse)
   const auto step_weights = kernels.prepare_step(kind, StepPass::kForward, w, s.batch);
 
-  const DataType type = data_type_of(x);
-  // Host work between steps (joining a start state, the projection) runs the queue first.
+  const DataType type = data_type_of(input);
+  // Host work between steps (joining a start state, the projections) runs the queue first.
   StepQueue<ForwardStep> queued([&](const ForwardStep* queue, int64_t count) {
     kernels.forward_steps(kind, type, *step_weights, queue, count);
   });
@@ -180,9 +241,13 @@ LayerForward run_layer_forward(const char* op, CellKind kind, const Tensor& xg,
         h_prev = row_pointer(joined);
       }
     }
+    if (!gates.holds(off, bs)) {
+      queued.run();  // the queued steps read the chunk about to be replaced
+      gates.project(kernels, steps, i, reverse);
+    }
     void* y_t = row_pointer(out.y, off);
     void* c = row_pointer(out.c_n);  // null unless LSTM
-    const ForwardPointers<void> p{row_pointer(x, off), row_pointer(hg),  nullptr,
+    const ForwardPointers<void> p{gates.row(off),      row_pointer(hg),  row_pointer(bias_ih),
                                   row_pointer(bias),   h_prev,           c,
                                   proj ? row_pointer(r) : y_t,           c,
                                   saves ? row_pointer(out.saved, off) : nullptr,
@@ -367,8 +432,8 @@ std::tuple<Tensor, Tensor> rnn_layer_forward(const Tensor& xg, const Tensor& w_h
                                              const Tensor& batch_sizes, bool reverse,
                                              std::string_view nonlinearity) {
   const char* op = "rnn_ext::rnn_layer_forward";
-  auto r = run_layer_forward(op, rnn_cell_kind(op, nonlinearity), xg, w_hh, b_hh, {}, h0, {},
-                             batch_sizes, reverse, false);
+  auto r = run_layer_forward(op, rnn_cell_kind(op, nonlinearity), xg, {}, {}, w_hh, b_hh, {}, h0,
+                             {}, batch_sizes, reverse, false);
   return {r.y, r.h_n};
 }
 
@@ -385,8 +450,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
     const Tensor& xg, const Tensor& w_hh, const OptTensor& b_hh, const OptTensor& w_hr,
     const Tensor& h0, const Tensor& c0, const Tensor& batch_sizes, bool reverse,
     bool save_workspace) {
-  auto r = run_layer_forward("rnn_ext::lstm_layer_forward", CellKind::kLstm, xg, w_hh, b_hh, w_hr,
-                             h0, c0, batch_sizes, reverse, save_workspace);
+  auto r = run_layer_forward("rnn_ext::lstm_layer_forward", CellKind::kLstm, xg, {}, {}, w_hh,
+                             b_hh, w_hr, h0, c0, batch_sizes, reverse, save_workspace);
   return {r.y, r.h_n, r.c_n, r.saved};
 }
 
@@ -403,8 +468,8 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(const Tensor& xg, const Ten
                                                      const OptTensor& b_hh, const Tensor& h0,
                                                      const Tensor& batch_sizes, bool reverse,
                                                      bool save_workspace) {
-  auto r = run_layer_forward("rnn_ext::gru_layer_forward", CellKind::kGru, xg, w_hh, b_hh, {}, h0,
-                             {}, batch_sizes, reverse, save_workspace);
+  auto r = run_layer_forward("rnn_ext::gru_layer_forward", CellKind::kGru, xg, {}, {}, w_hh, b_hh,
+                             {}, h0, {}, batch_sizes, reverse, save_workspace);
   return {r.y, r.h_n, r.saved};
 }
 
@@ -414,6 +479,35 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gru_layer_backward(
   auto r = run_layer_backward("rnn_ext::gru_layer_backward", CellKind::kGru, grad_y, grad_h_n, {},
                               w_hh, {}, h0, y, workspace, batch_sizes, reverse);
   return {r.grad_xg, r.grad_w_hh, r.grad_b_hh, r.grad_h0};
+}
+
+std::tuple<Tensor, Tensor> rnn_layer_inference(const Tensor& x, const Tensor& w_ih,
+                                               const OptTensor& b_ih, const Tensor& w_hh,
+                                               const OptTensor& b_hh, const Tensor& h0,
+                                               const Tensor& batch_sizes, bool reverse,
+                                               std::string_view nonlinearity) {
+  const char* op = "rnn_ext::rnn_layer_inference";
+  auto r = run_layer_forward(op, rnn_cell_kind(op, nonlinearity), x, w_ih, b_ih, w_hh, b_hh, {},
+                             h0, {}, batch_sizes, reverse, false);
+  return {r.y, r.h_n};
+}
+
+std::tuple<Tensor, Tensor, Tensor> lstm_layer_inference(
+    const Tensor& x, const Tensor& w_ih, const OptTensor& b_ih, const Tensor& w_hh,
+    const OptTensor& b_hh, const OptTensor& w_hr, const Tensor& h0, const Tensor& c0,
+    const Tensor& batch_sizes, bool reverse) {
+  auto r = run_layer_forward("rnn_ext::lstm_layer_inference", CellKind::kLstm, x, w_ih, b_ih,
+                             w_hh, b_hh, w_hr, h0, c0, batch_sizes, reverse, false);
+  return {r.y, r.h_n, r.c_n};
+}
+
+std::tuple<Tensor, Tensor> gru_layer_inference(const Tensor& x, const Tensor& w_ih,
+                                               const OptTensor& b_ih, const Tensor& w_hh,
+                                               const OptTensor& b_hh, const Tensor& h0,
+                                               const Tensor& batch_sizes, bool reverse) {
+  auto r = run_layer_forward("rnn_ext::gru_layer_inference", CellKind::kGru, x, w_ih, b_ih, w_hh,
+                             b_hh, {}, h0, {}, batch_sizes, reverse, false);
+  return {r.y, r.h_n};
 }
 
 }  // namespace rnn_ext

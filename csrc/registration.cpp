@@ -5,6 +5,7 @@
 // Shapes: B batch rows, H hidden units, G gates per unit (RNN 1, LSTM 4, GRU 3), S saved values
 // per unit (LSTM 5: i, f, g, o, c; GRU 5: r, z, n, W_hn h + b_hn, h), P the output size
 // (proj_size, or H), N the rows of a packed sequence, T its steps.
+//   x: [N, I]         a layer's input;  w_ih: [G*H, I] its input weights
 //   xg: [B or N, G*H] input-side gate pre-activations  W_ih x (+ b_ih)
 //   hg: [B, G*H]      hidden-side gate pre-activations W_hh h
 //   b_ih, b_hh: [G*H] biases, None when the layer has no bias
@@ -50,6 +51,15 @@ TORCH_LIBRARY(rnn_ext, m) {
   m.def("gru_layer_backward(Tensor grad_y, Tensor grad_h_n, Tensor w_hh, Tensor h0, Tensor y,"
         " Tensor workspace, Tensor batch_sizes, bool reverse)"
         " -> (Tensor grad_xg, Tensor grad_w_hh, Tensor grad_b_hh, Tensor grad_h0)");
+  // Inference: the forward ops' outputs (no workspace, no backward), from x and w_ih.
+  m.def("rnn_layer_inference(Tensor x, Tensor w_ih, Tensor? b_ih, Tensor w_hh, Tensor? b_hh,"
+        " Tensor h0, Tensor batch_sizes, bool reverse, str nonlinearity)"
+        " -> (Tensor y, Tensor h_n)");
+  m.def("lstm_layer_inference(Tensor x, Tensor w_ih, Tensor? b_ih, Tensor w_hh, Tensor? b_hh,"
+        " Tensor? w_hr, Tensor h0, Tensor c0, Tensor batch_sizes, bool reverse)"
+        " -> (Tensor y, Tensor h_n, Tensor c_n)");
+  m.def("gru_layer_inference(Tensor x, Tensor w_ih, Tensor? b_ih, Tensor w_hh, Tensor? b_hh,"
+        " Tensor h0, Tensor batch_sizes, bool reverse) -> (Tensor y, Tensor h_n)");
 }
 
 namespace {
@@ -66,6 +76,9 @@ void register_impls(torch::Library& m) {
   m.impl("lstm_layer_backward", &rnn_ext::lstm_layer_backward);
   m.impl("gru_layer_forward", &rnn_ext::gru_layer_forward);
   m.impl("gru_layer_backward", &rnn_ext::gru_layer_backward);
+  m.impl("rnn_layer_inference", &rnn_ext::rnn_layer_inference);
+  m.impl("lstm_layer_inference", &rnn_ext::lstm_layer_inference);
+  m.impl("gru_layer_inference", &rnn_ext::gru_layer_inference);
 }
 }  // namespace
 

@@ -258,3 +258,32 @@ def _gru_layer_backward(ctx, grad_y, grad_h_n, _grad_workspace):
 
 torch.library.register_autograd("rnn_ext::gru_layer_forward", _gru_layer_backward,
                                 setup_context=_gru_layer_setup)
+
+
+# ---------------------------------------------------------------- layers in inference
+
+@torch.library.register_fake("rnn_ext::rnn_layer_inference")
+def _(x, w_ih, b_ih, w_hh, b_hh, h0, batch_sizes, reverse, nonlinearity):
+    return x.new_empty(x.shape[0], h0.shape[1]), h0.new_empty(h0.shape)
+
+
+@torch.library.register_fake("rnn_ext::lstm_layer_inference")
+def _(x, w_ih, b_ih, w_hh, b_hh, w_hr, h0, c0, batch_sizes, reverse):
+    return x.new_empty(x.shape[0], h0.shape[1]), h0.new_empty(h0.shape), c0.new_empty(c0.shape)
+
+
+@torch.library.register_fake("rnn_ext::gru_layer_inference")
+def _(x, w_ih, b_ih, w_hh, b_hh, h0, batch_sizes, reverse):
+    return x.new_empty(x.shape[0], h0.shape[1]), h0.new_empty(h0.shape)
+
+
+def _no_backward(name: str):
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"rnn_ext::{name} has no backward (it saves nothing for one): differentiate "
+            f"rnn_ext::{name.replace('inference', 'forward')} on xg = x @ w_ihᵀ + b_ih instead")
+    return backward
+
+
+for _name in ("rnn_layer_inference", "lstm_layer_inference", "gru_layer_inference"):
+    torch.library.register_autograd(f"rnn_ext::{_name}", _no_backward(_name))

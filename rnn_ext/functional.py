@@ -94,16 +94,16 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _input_projection(mode: str, x: Tensor, w_ih: Tensor, b_ih: Tensor | None,
-                      b_hh: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """Every step's input projection in one GEMM, and the bias the layer op adds per step.
+def _layer_biases(mode: str, b_ih: Tensor | None, b_hh: Tensor | None
+                  ) -> tuple[Tensor | None, Tensor | None]:
+    """The biases as the layer ops take them: (the input side's, the hidden side's).
 
     RNN and LSTM add b_ih and b_hh to the same pre-activations, so they are summed once here
     and added by the op's fused step, which reads a bias anyway: a GEMM with a bias first copies
     it into all N rows of its output. The GRU's b_hn sits inside r * (...), apart from b_in."""
     if mode == "GRU" or b_ih is None:
-        return F.linear(x, w_ih, b_ih), b_hh
-    return F.linear(x, w_ih), b_ih if b_hh is None else b_ih + b_hh
+        return b_ih, b_hh
+    return None, b_ih if b_hh is None else b_ih + b_hh
 
 
 def recurrent_layer(mode: str, x: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Tensor | None,
@@ -119,16 +119,27 @@ def recurrent_layer(mode: str, x: Tensor, batch_sizes: Tensor, h0: Tensor, c0: T
     if not uses_kernels(x):
         xg = F.linear(x, w_ih, b_ih)
         return reference.layer_recurrence(mode, xg, w_hh, b_hh, w_hr, h0, c0, batch_sizes, reverse)
-    xg, b_hh = _input_projection(mode, x, w_ih, b_ih, b_hh)
-    save = _needs_grad(xg, w_hh, b_hh, w_hr, h0, c0)
+    b_ih, b_hh = _layer_biases(mode, b_ih, b_hh)
+    nonlinearity = {"RNN_TANH": "tanh", "RNN_RELU": "relu"}.get(mode)
+    if not _needs_grad(x, w_ih, b_ih, w_hh, b_hh, w_hr, h0, c0):
+        # No graph: the inference ops project x themselves, a chunk of steps at a time.
+        if mode == "LSTM":
+            return _ops.lstm_layer_inference(x, w_ih, b_ih, w_hh, b_hh, w_hr, h0, c0,
+                                             batch_sizes, reverse)
+        if mode == "GRU":
+            y, h_n = _ops.gru_layer_inference(x, w_ih, b_ih, w_hh, b_hh, h0, batch_sizes, reverse)
+            return y, h_n, None
+        y, h_n = _ops.rnn_layer_inference(x, w_ih, b_ih, w_hh, b_hh, h0, batch_sizes, reverse,
+                                          nonlinearity)
+        return y, h_n, None
+    xg = F.linear(x, w_ih, b_ih)
     if mode == "LSTM":
         y, h_n, c_n, _ = _ops.lstm_layer_forward(xg, w_hh, b_hh, w_hr, h0, c0, batch_sizes,
-                                                 reverse, save)
+                                                 reverse, True)
         return y, h_n, c_n
     if mode == "GRU":
-        y, h_n, _ = _ops.gru_layer_forward(xg, w_hh, b_hh, h0, batch_sizes, reverse, save)
+        y, h_n, _ = _ops.gru_layer_forward(xg, w_hh, b_hh, h0, batch_sizes, reverse, True)
         return y, h_n, None
-    nonlinearity = {"RNN_TANH": "tanh", "RNN_RELU": "relu"}[mode]
     y, h_n = _ops.rnn_layer_forward(xg, w_hh, b_hh, h0, batch_sizes, reverse, nonlinearity)
     return y, h_n, None
 

@@ -15,7 +15,6 @@ import pytest
 import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import rnn_ext
 from conftest import OpRecorder
@@ -277,31 +276,76 @@ def test_fused_backward_op_runs(mode):
     with OpRecorder() as rec:
         with torch.no_grad():
             ext(x)
-    forward_calls = [n for n in rec.names if MODES[mode][3] in n]
-    assert len(forward_calls) == 4, rec.names
+    assert [n for n in rec.names if "layer_forward" in n] == [], rec.names
+    inference_calls = [n for n in rec.names if MODES[mode][3].replace("forward", "inference") in n]
+    assert len(inference_calls) == 4, rec.names
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_inference_saves_nothing(mode):
+    """Without grad the layer runs as its *_layer_inference op (x projected inside, no
+    workspace, no graph); with grad, the differentiable op saves its workspace."""
+    _, ext = make_pair(mode, input_size=I, hidden_size=H)
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    with torch.no_grad(), OpRecorder() as rec:
+        out, _ = ext(x)
+    inference_op = MODES[mode][3].replace("forward", "inference")
+    assert [name for name, _, _ in rec.calls] == [f"rnn_ext.{inference_op}.default"]
+    assert out.grad_fn is None
+    with OpRecorder() as rec:
+        ext(x)
+    [(name, args, results)] = rec.calls
+    assert name == f"rnn_ext.{MODES[mode][3]}.default"
+    if mode in ("LSTM", "GRU"):
+        assert args[-1] is True and results[-1].shape[0] == T * B
+
+
+# Sizes whose input projection exceeds the 4 MB that the inference ops project at once (in
+# float64): G*H = 256 or 288 columns, 2 KB or more per row, and 2500+ rows.
+CHUNKED_HIDDEN = {"RNN_TANH": 256, "RNN_RELU": 256, "LSTM": 64, "GRU": 96}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", list(MODES))
+def test_inference_in_chunks_matches_torch_nn(mode, device):
+    """A packed, bidirectional two-layer sequence long enough that the inference op projects the
+    input in several chunks of steps (forward in row order, reverse from the end), with biases
+    and (LSTM) a projection: outputs and states match torch.nn's and those of the
+    differentiable path, which projects the whole input at once."""
+    lstm = mode == "LSTM"
+    ref, ext = make_pair(mode, device=device, input_size=16, hidden_size=CHUNKED_HIDDEN[mode],
+                         num_layers=2, bidirectional=True, **({"proj_size": 48} if lstm else {}))
+    torch.manual_seed(0)
+    lengths = sorted(torch.randint(20, 61, (64,)).tolist(), reverse=True)
+    lengths[0] = 60
+    x = pack_padded_sequence(torch.randn(60, 64, 16, dtype=torch.float64, device=device),
+                             lengths)
+    assert x.data.shape[0] * 256 * 8 > 4 << 20
+    with torch.no_grad(), OpRecorder() as rec:
+        ext_out, ext_hidden = ext(x)
+        ref_out, ref_hidden = ref(x)
+    inference_op = MODES[mode][3].replace("forward", "inference")
+    assert f"rnn_ext.{inference_op}.default" in rec.rnn_ext_ops()
+    grad_out, grad_hidden = ext(x)  # the differentiable op: xg whole
+    assert_close(ext_out.data, ref_out.data, 1e-10, "output")
+    assert_close(ext_out.data, grad_out.data, 1e-12, "output against the grad path")
+    for a, b, c in zip(hidden_list(ext_hidden), hidden_list(ref_hidden),
+                       hidden_list(grad_hidden)):
+        assert_close(a, b, 1e-10, "state")
+        assert_close(a, c, 1e-12, "state against the grad path")
 
 
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
-def test_no_workspace_saved_without_grad(mode):
-    """In inference the layer op is asked for no workspace (save_workspace False)."""
-    _, ext = make_pair(mode, input_size=I, hidden_size=H)
-    x = torch.randn(T, B, I, dtype=torch.float64)
-    seen = []
-
-    class Spy(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            result = func(*args, **(kwargs or {}))
-            if "layer_forward" in str(func):
-                seen.append((args[-1], result[-1].shape[0]))
-            return result
-
-    with torch.no_grad(), Spy():
-        ext(x)
-    assert seen == [(False, 0)]
-    seen.clear()
-    with Spy():
-        ext(x)
-    assert seen == [(True, T * B)]
+def test_inference_step_larger_than_a_chunk(mode):
+    """A batch whose one step's projection exceeds the chunk size: one step per chunk."""
+    ref, ext = make_pair(mode, input_size=8, hidden_size=CHUNKED_HIDDEN[mode])
+    x = torch.randn(3, 2100, 8, dtype=torch.float64)
+    with torch.no_grad():
+        ext_out, ext_hidden = ext(x)
+        ref_out, ref_hidden = ref(x)
+    assert_close(ext_out, ref_out, 1e-10, "output")
+    for a, b in zip(hidden_list(ext_hidden), hidden_list(ref_hidden)):
+        assert_close(a, b, 1e-10, "state")
 
 
 def test_double_backward_through_module():
@@ -1068,6 +1112,70 @@ def test_layer_ops_non_contiguous_arguments(case, device):
                     assert_close(a, b, 1e-12, f"grad {n} with strided arguments")
 
 
+def inference_inputs(kind, bias, proj, batch_sizes, seed=3):
+    """An inference op's arguments (reverse and nonlinearity aside) in schema order: those of
+    layer_inputs, with x [N, 2], w_ih and b_ih in place of xg."""
+    t = layer_inputs(kind, bias, proj, batch_sizes, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    G, N = GATES[kind], int(batch_sizes.sum())
+    a = dict(x=torch.randn(N, 2, generator=g, dtype=torch.float64),
+             w_ih=torch.randn(G * OP_H, 2, generator=g, dtype=torch.float64),
+             b_ih=torch.randn(G * OP_H, generator=g, dtype=torch.float64) if bias else None,
+             w_hh=t["w_hh"], b_hh=t["b_hh"])
+    if kind == "lstm":
+        a.update(w_hr=t["w_hr"], h0=t["h0"], c0=t["c0"])
+    else:
+        a["h0"] = t["h0"]
+    a["batch_sizes"] = batch_sizes
+    return a
+
+
+def call_inference(kind, a, reverse):
+    if kind in ("tanh", "relu"):
+        return ops.rnn_layer_inference(*a.values(), reverse, kind)
+    if kind == "lstm":
+        return ops.lstm_layer_inference(*a.values(), reverse)
+    return ops.gru_layer_inference(*a.values(), reverse)
+
+
+@pytest.mark.parametrize("bs", [[3, 3, 2, 1], [3, 1, 0], [2], [3, 3, 3]],
+                         ids=["packed", "trailing-zero", "one-step", "uniform"])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("case", LAYER_KINDS, ids=kind_id)
+def test_layer_inference_ops_against_forward_ops(case, reverse, bs):
+    """*_layer_inference(x, w_ih, b_ih, ...) gives what *_layer_forward gives on
+    xg = x @ w_ihᵀ + b_ih (the inference op's pointwise step adds b_ih instead)."""
+    kind, bias, proj = case
+    a = inference_inputs(kind, bias, proj, torch.tensor(bs))
+    got = call_inference(kind, a, reverse)
+    t = {n: a.get(n) for n in NAMES if n != "xg"}
+    t["xg"] = torch.nn.functional.linear(a["x"], a["w_ih"], a["b_ih"])
+    want = call_forward(kind, t, a["batch_sizes"], reverse)
+    assert len(got) == len(want)
+    for name, g, w in zip(("y", "h_n", "c_n"), got, want):
+        assert_close(g, w, 1e-12, name)
+
+
+@pytest.mark.parametrize("kind", ["tanh", "lstm", "gru"])
+def test_layer_inference_ops_have_no_backward(kind):
+    a = inference_inputs(kind, True, False, torch.tensor([3, 3, 2, 1]))
+    a["x"].requires_grad_(True)
+    y = call_inference(kind, a, False)[0]
+    with pytest.raises(RuntimeError, match="has no backward"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("case", LAYER_KINDS, ids=kind_id)
+def test_opcheck_layer_inference(case, reverse):
+    kind, bias, proj = case
+    a = inference_inputs(kind, bias, proj, torch.tensor([3, 3, 2, 1]))
+    op = {"tanh": ops.rnn_layer_inference, "relu": ops.rnn_layer_inference,
+          "lstm": ops.lstm_layer_inference, "gru": ops.gru_layer_inference}[kind].default
+    extra = (kind,) if kind in ("tanh", "relu") else ()
+    torch.library.opcheck(op, (*a.values(), reverse, *extra))
+
+
 # ------------------------------------------------------------------------ raw-op validation
 
 def _valid_lstm():
@@ -1100,6 +1208,32 @@ def _gru_fwd(**override):
                 reverse=False, save_workspace=True)
     args.update(override)
     return lambda: ops.gru_layer_forward(*args.values())
+
+
+def _inference(kind="lstm", **override):
+    a = inference_inputs(kind, True, kind == "lstm", torch.tensor([3, 3, 2, 1]))
+    a.update(override)
+    return lambda: call_inference(kind, a, False)
+
+
+def _inference_cases():
+    a = inference_inputs("lstm", True, True, torch.tensor([3, 3, 2, 1]))
+    return {
+        "inference-w_ih-cols": (_inference(w_ih=a["w_ih"][:, :1]), "w_ih"),
+        "inference-w_ih-rows": (_inference(w_ih=a["w_ih"][:-1]), "w_ih"),
+        "inference-b_ih-size": (_inference(b_ih=a["b_ih"][:-1]), "b_ih"),
+        "inference-x-1d": (_inference(x=a["x"].flatten()), "x must have shape"),
+        "inference-x-rows": (_inference(x=a["x"][:-1]), "sum"),
+        "inference-dtype-w_ih": (_inference(w_ih=a["w_ih"].float()), "dtype"),
+        "inference-dtype-b_ih": (_inference(b_ih=a["b_ih"].float()), "dtype"),
+        "inference-int-x": (_inference(x=a["x"].long()), "floating"),
+        "inference-c0-shape": (_inference(c0=a["c0"][:, :2]), "c0"),
+        "inference-gru-w_ih-rows": (_inference("gru", w_ih=torch.zeros(6, 2, dtype=torch.float64)),
+                                    "w_ih"),
+        "inference-rnn-bad-nonlinearity": (
+            lambda: ops.rnn_layer_inference(*inference_inputs("tanh", True, False, torch.tensor(
+                [3, 3, 2, 1])).values(), False, "sigmoid"), "sigmoid"),
+    }
 
 
 def _backward_calls():
@@ -1204,6 +1338,7 @@ def _validation_cases():
         "gru-wrong-sum": (_gru_fwd(batch_sizes=torch.tensor([3, 3, 3, 1])), "sum"),
     }
     cases.update(_backward_calls())
+    cases.update(_inference_cases())
     return cases
 
 
@@ -1223,6 +1358,9 @@ def test_validation_baseline_calls_succeed():
     _lstm_fwd()()
     _rnn_fwd()()
     _gru_fwd()()
+    _inference()()
+    _inference("gru")()
+    _inference("tanh")()
     bs = torch.tensor([3, 3, 2, 1])
     t = layer_inputs("lstm", True, True, bs)
     y, h_n, c_n, ws = ops.lstm_layer_forward(t["xg"], t["w_hh"], t["b_hh"], t["w_hr"], t["h0"],
