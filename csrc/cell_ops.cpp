@@ -17,10 +17,11 @@ struct CellForward {
   Tensor h_new, c_new, saved;                 // outputs
 };
 
-// One forward step. `h_prev` / `c_prev` are undefined for the cells that do not read them.
+// One forward step. `h_prev` / `c_prev` are undefined for the cells that do not read them;
+// without `save` there is no workspace.
 CellForward run_cell_forward(const char* op, CellKind kind, const Tensor& xg, const Tensor& hg,
                              const OptTensor& b_ih, const OptTensor& b_hh, const Tensor& h_prev,
-                             const Tensor& c_prev) {
+                             const Tensor& c_prev, bool save = true) {
   const int64_t G = gates_per_unit(kind);
   const int64_t H = units_of(op, xg, G);
   const int64_t B = xg.size(0);
@@ -43,7 +44,7 @@ CellForward run_cell_forward(const char* op, CellKind kind, const Tensor& xg, co
   t.h_new = at::empty({B, H}, xg.options());
   if (kind == CellKind::kLstm) t.c_new = at::empty({B, H}, xg.options());
   // The RNN cell's workspace is its output h_new, so it saves nothing of its own.
-  if (kind == CellKind::kLstm || kind == CellKind::kGru) {
+  if (save && (kind == CellKind::kLstm || kind == CellKind::kGru)) {
     t.saved = at::empty({B, saved_per_unit(kind) * H}, xg.options());
   }
   const ForwardPointers<void> p{row_pointer(t.xg),     row_pointer(t.hg),    row_pointer(t.b_ih),
@@ -52,6 +53,31 @@ CellForward run_cell_forward(const char* op, CellKind kind, const Tensor& xg, co
                                 B,                     H};
   kernels.forward(kind, data_type_of(xg), p);
   return t;
+}
+
+// One step from the cell's input [B, I] and state hx [B, H] (cx [B, H]): the two GEMMs, then the
+// pointwise step, with no workspace (inference).
+CellForward run_cell_inference(const char* op, CellKind kind, const Tensor& input,
+                               const Tensor& hx, const Tensor& cx, const Tensor& w_ih,
+                               const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh) {
+  const ArgChecker check(op, input);
+  check(input, "input", {-1, -1});
+  check(w_hh, "w_hh", {-1, -1});
+  const int64_t G = gates_per_unit(kind), B = input.size(0), H = w_hh.size(1);
+  TORCH_CHECK(w_hh.size(0) == G * H, op, ": w_hh must be [", G, "*H, H], got ", w_hh.sizes());
+  check(w_ih, "w_ih", {G * H, input.size(1)});
+  check(hx, "hx", {B, H});
+  const c10::DeviceGuard guard(input.device());
+  const auto& kernels = device_kernels(input.device().type());
+  const DataType type = data_type_of(input);
+  const Tensor xg = at::empty({B, G * H}, input.options());
+  const Tensor hg = at::empty({B, G * H}, input.options());
+  kernels.gemm(type, matrix_of(xg), matrix_of(input.contiguous()), matrix_of(w_ih.contiguous()),
+               /*transpose_b=*/true, 0);
+  kernels.gemm(type, matrix_of(hg), matrix_of(hx.contiguous()), matrix_of(w_hh.contiguous()),
+               /*transpose_b=*/true, 0);
+  return run_cell_forward(op, kind, xg, hg, b_ih, b_hh, kind == CellKind::kGru ? hx : Tensor(),
+                          cx, /*save=*/false);
 }
 
 struct CellBackward {
@@ -131,6 +157,29 @@ std::tuple<Tensor, Tensor, Tensor> gru_cell_backward(const Tensor& grad_hy,
                                                      const Tensor& workspace) {
   auto a = run_cell_backward("rnn_ext::gru_cell_backward", CellKind::kGru, grad_hy, {}, workspace);
   return {a.grad_xg, a.grad_hg, a.grad_h_prev};
+}
+
+Tensor rnn_cell_inference(const Tensor& input, const Tensor& hx, const Tensor& w_ih,
+                          const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+                          std::string_view nonlinearity) {
+  const char* op = "rnn_ext::rnn_cell_inference";
+  return run_cell_inference(op, rnn_cell_kind(op, nonlinearity), input, hx, {}, w_ih, w_hh, b_ih,
+                            b_hh).h_new;
+}
+
+std::tuple<Tensor, Tensor> lstm_cell_inference(const Tensor& input, const Tensor& hx,
+                                               const Tensor& cx, const Tensor& w_ih,
+                                               const Tensor& w_hh, const OptTensor& b_ih,
+                                               const OptTensor& b_hh) {
+  auto a = run_cell_inference("rnn_ext::lstm_cell_inference", CellKind::kLstm, input, hx, cx,
+                              w_ih, w_hh, b_ih, b_hh);
+  return {a.h_new, a.c_new};
+}
+
+Tensor gru_cell_inference(const Tensor& input, const Tensor& hx, const Tensor& w_ih,
+                          const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh) {
+  return run_cell_inference("rnn_ext::gru_cell_inference", CellKind::kGru, input, hx, {}, w_ih,
+                            w_hh, b_ih, b_hh).h_new;
 }
 
 }  // namespace rnn_ext

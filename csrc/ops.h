@@ -31,6 +31,18 @@ std::tuple<Tensor, Tensor> gru_cell_forward(const Tensor& xg, const Tensor& hg,
 std::tuple<Tensor, Tensor, Tensor> gru_cell_backward(const Tensor& grad_hy,
                                                      const Tensor& workspace);
 
+// ---- cells in inference (no backward): one step from input [B, I], hx [B, H] (cx [B, H]) and
+// the weights w_ih [G*H, I], w_hh [G*H, H]: both GEMMs and the pointwise step, no workspace ----
+Tensor rnn_cell_inference(const Tensor& input, const Tensor& hx, const Tensor& w_ih,
+                          const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+                          std::string_view nonlinearity);
+std::tuple<Tensor, Tensor> lstm_cell_inference(const Tensor& input, const Tensor& hx,
+                                               const Tensor& cx, const Tensor& w_ih,
+                                               const Tensor& w_hh, const OptTensor& b_ih,
+                                               const OptTensor& b_hh);
+Tensor gru_cell_inference(const Tensor& input, const Tensor& hx, const Tensor& w_ih,
+                          const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh);
+
 // ---- layers: the recurrence over a whole (packed) sequence in one direction ----
 std::tuple<Tensor, Tensor> rnn_layer_forward(const Tensor& xg, const Tensor& w_hh,
                                              const OptTensor& b_hh, const Tensor& h0,

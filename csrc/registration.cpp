@@ -17,6 +17,7 @@
 //   y: [N, P] the layer's output, h_n: [B, P], c_n: [B, H] its final states
 //   workspace: [B or N, S*H] what the backward reads ([0, S*H] when save_workspace is False);
 //              the RNN's workspace is its output (hy, or y).
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include "ops.h"
@@ -33,6 +34,13 @@ TORCH_LIBRARY(rnn_ext, m) {
         " -> (Tensor hy, Tensor workspace)");
   m.def("gru_cell_backward(Tensor grad_hy, Tensor workspace)"
         " -> (Tensor grad_xg, Tensor grad_hg, Tensor grad_hx)");
+  // Inference (no backward): the GEMMs too, from the cell's input and weights, as torch's cells.
+  m.def("rnn_cell_inference(Tensor input, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor? b_ih,"
+        " Tensor? b_hh, str nonlinearity) -> Tensor hy");
+  m.def("lstm_cell_inference(Tensor input, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh,"
+        " Tensor? b_ih, Tensor? b_hh) -> (Tensor hy, Tensor cy)");
+  m.def("gru_cell_inference(Tensor input, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor? b_ih,"
+        " Tensor? b_hh) -> Tensor hy");
 
   m.def("rnn_layer_forward(Tensor xg, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor batch_sizes,"
         " bool reverse, str nonlinearity) -> (Tensor y, Tensor h_n)");
@@ -70,6 +78,9 @@ void register_impls(torch::Library& m) {
   m.impl("lstm_cell_backward", &rnn_ext::lstm_cell_backward);
   m.impl("gru_cell_forward", &rnn_ext::gru_cell_forward);
   m.impl("gru_cell_backward", &rnn_ext::gru_cell_backward);
+  m.impl("rnn_cell_inference", &rnn_ext::rnn_cell_inference);
+  m.impl("lstm_cell_inference", &rnn_ext::lstm_cell_inference);
+  m.impl("gru_cell_inference", &rnn_ext::gru_cell_inference);
   m.impl("rnn_layer_forward", &rnn_ext::rnn_layer_forward);
   m.impl("rnn_layer_backward", &rnn_ext::rnn_layer_backward);
   m.impl("lstm_layer_forward", &rnn_ext::lstm_layer_forward);
@@ -86,3 +97,13 @@ void register_impls(torch::Library& m) {
 // device type cuda" error from kernels.cpp instead of the dispatcher's generic one.
 TORCH_LIBRARY_IMPL(rnn_ext, CPU, m) { register_impls(m); }
 TORCH_LIBRARY_IMPL(rnn_ext, CUDA, m) { register_impls(m); }
+
+// The inference ops have no backward: on inputs that require grad their outputs get a node that
+// raises when reached ("derivative ... is not implemented"). In C++, unlike the forward ops'
+// Python autograd, so that a cell step pays no Python call for it.
+TORCH_LIBRARY_IMPL(rnn_ext, Autograd, m) {
+  for (const char* name : {"rnn_cell_inference", "lstm_cell_inference", "gru_cell_inference",
+                           "rnn_layer_inference", "lstm_layer_inference", "gru_layer_inference"}) {
+    m.impl(name, torch::autograd::autogradNotImplementedFallback());
+  }
+}

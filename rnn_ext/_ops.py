@@ -260,7 +260,24 @@ torch.library.register_autograd("rnn_ext::gru_layer_forward", _gru_layer_backwar
                                 setup_context=_gru_layer_setup)
 
 
-# ---------------------------------------------------------------- layers in inference
+# ---------------------------------------------------------------- inference
+# No autograd here: csrc/registration.cpp gives these ops a C++ kernel that makes a backward
+# through them raise.
+
+@torch.library.register_fake("rnn_ext::rnn_cell_inference")
+def _(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity):
+    return hx.new_empty(input.shape[0], w_hh.shape[1])
+
+
+@torch.library.register_fake("rnn_ext::lstm_cell_inference")
+def _(input, hx, cx, w_ih, w_hh, b_ih, b_hh):
+    return hx.new_empty(input.shape[0], w_hh.shape[1]), cx.new_empty(cx.shape)
+
+
+@torch.library.register_fake("rnn_ext::gru_cell_inference")
+def _(input, hx, w_ih, w_hh, b_ih, b_hh):
+    return hx.new_empty(input.shape[0], w_hh.shape[1])
+
 
 @torch.library.register_fake("rnn_ext::rnn_layer_inference")
 def _(x, w_ih, b_ih, w_hh, b_hh, h0, batch_sizes, reverse, nonlinearity):
@@ -275,15 +292,3 @@ def _(x, w_ih, b_ih, w_hh, b_hh, w_hr, h0, c0, batch_sizes, reverse):
 @torch.library.register_fake("rnn_ext::gru_layer_inference")
 def _(x, w_ih, b_ih, w_hh, b_hh, h0, batch_sizes, reverse):
     return x.new_empty(x.shape[0], h0.shape[1]), h0.new_empty(h0.shape)
-
-
-def _no_backward(name: str):
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            f"rnn_ext::{name} has no backward (it saves nothing for one): differentiate "
-            f"rnn_ext::{name.replace('inference', 'forward')} on xg = x @ w_ihᵀ + b_ih instead")
-    return backward
-
-
-for _name in ("rnn_layer_inference", "lstm_layer_inference", "gru_layer_inference"):
-    torch.library.register_autograd(f"rnn_ext::{_name}", _no_backward(_name))

@@ -1,4 +1,4 @@
-"""The raw cell ops torch.ops.rnn_ext.{rnn,lstm,gru}_cell_{forward,backward}.
+"""The raw cell ops torch.ops.rnn_ext.{rnn,lstm,gru}_cell_{forward,backward,inference}.
 
 Ground truth: rnn_ext.reference's *_cell_step (plain PyTorch), gradcheck/gradgradcheck in float64
 and torch.library.opcheck. Shapes as documented in csrc/registration.cpp.
@@ -327,6 +327,86 @@ def test_autograd_uses_the_fused_backward_op(device):
         assert f"rnn_ext.{name}_cell_backward.default" in record.names, record.names
 
 
+# ---------------------------------------------------------------------------------- inference
+
+def inference_args(kind, B, H, I=5, dtype=torch.float64, device="cpu", bias=True, seed=0):
+    """The inference op's arguments: (input, hx[, cx], w_ih, w_hh, b_ih, b_hh[, nonlinearity])."""
+    gen = torch.Generator().manual_seed(seed)
+    gh = GATES[kind] * H
+    rnd = lambda *shape: _randn(gen, shape, dtype, device)  # noqa: E731
+    states = (rnd(B, H), rnd(B, H)) if kind == "lstm" else (rnd(B, H),)
+    b_ih, b_hh = rnd(gh), rnd(gh)
+    b_ih = b_ih if bias in (True, "ih") else None
+    b_hh = b_hh if bias in (True, "hh") else None
+    extra = (kind[len("rnn_"):],) if kind.startswith("rnn") else ()
+    return (rnd(B, I), *states, rnd(gh, I), rnd(gh, H), b_ih, b_hh, *extra)
+
+
+def run_inference(kind, args):
+    """The inference op's outputs as a tuple: (hy,) or (hy, cy)."""
+    name = "rnn" if kind.startswith("rnn") else kind
+    out = getattr(ops, f"{name}_cell_inference")(*args)
+    return tuple(out) if kind == "lstm" else (out,)
+
+
+def forward_op_args(kind, args):
+    """The forward op's arguments for the same step: the two GEMMs done in ATen."""
+    lstm = kind == "lstm"
+    x, h = args[0], args[1]
+    w_ih, w_hh, b_ih, b_hh = args[3:7] if lstm else args[2:6]
+    last = args[2] if lstm else (args[-1] if kind.startswith("rnn") else h)
+    return (x @ w_ih.t(), h @ w_hh.t(), b_ih, b_hh, last)
+
+
+@BIAS_VARIANTS
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}H{s[1]}")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_inference_matches_forward_op(device, kind, dtype, shape, bias):
+    """*_cell_inference(input, hx, ..., w_ih, w_hh, b_ih, b_hh) is the forward op on the two
+    GEMMs' results (up to the GEMMs' rounding), on every device, dtype and bias variant."""
+    B, H = shape
+    args = inference_args(kind, B, H, dtype=dtype, device=device, bias=bias, seed=B + H)
+    got = run_inference(kind, args)
+    want = run_op(kind, forward_op_args(kind, args))
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.shape == (B, H) and g.dtype == dtype and g.device.type == device
+        torch.testing.assert_close(g, w, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inference_noncontiguous(device, kind):
+    """A transposed-in-memory w_ih, a strided input and state give the contiguous result."""
+    args = list(inference_args(kind, 4, 6, device=device, seed=3))
+    w_ih_at = 3 if kind == "lstm" else 2
+    dense = tuple(args)
+    args[0] = torch.stack([args[0], -args[0]], 2)[:, :, 0]
+    args[1] = args[1].t().contiguous().t()
+    args[w_ih_at] = args[w_ih_at].t().contiguous().t()
+    assert not args[0].is_contiguous() and not args[w_ih_at].is_contiguous()
+    for g, w in zip(run_inference(kind, args), run_inference(kind, dense)):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_opcheck_inference(device, kind):
+    name = "rnn" if kind.startswith("rnn") else kind
+    opcheck(getattr(ops, f"{name}_cell_inference").default,
+            inference_args(kind, 3, 4, device=device))
+
+
+@pytest.mark.parametrize("kind", ["rnn_tanh", "lstm", "gru"])
+def test_inference_has_no_backward(device, kind):
+    args = list(inference_args(kind, 3, 4, device=device))
+    args[0].requires_grad_(True)
+    out = run_inference(kind, args)[0]
+    assert out.requires_grad
+    with pytest.raises(RuntimeError, match=r"derivative for rnn_ext::\w+_cell_inference is not"):
+        out.sum().backward()
+
+
 # --------------------------------------------------------------------------- wrong arguments
 
 def _t(*shape, dtype=torch.float64, device="cpu"):
@@ -435,6 +515,35 @@ ERROR_CASES = {
                                                             _t(B_, H_, device=d), "sigmoid"),
     "rnn_forward_empty_nonlinearity": lambda d: ops.rnn_cell_forward(
         _t(B_, H_, device=d), _t(B_, H_, device=d), None, None, ""),
+    # inference ops (input [B, 2], w_ih [G*H, 2])
+    "rnn_inference_w_ih_cols": lambda d: ops.rnn_cell_inference(
+        _t(B_, 2, device=d), _t(B_, H_, device=d), _t(H_, 3, device=d), _t(H_, H_, device=d),
+        None, None, "tanh"),
+    "rnn_inference_hx_rows": lambda d: ops.rnn_cell_inference(
+        _t(B_, 2, device=d), _t(B_ + 1, H_, device=d), _t(H_, 2, device=d),
+        _t(H_, H_, device=d), None, None, "tanh"),
+    "rnn_inference_sigmoid": lambda d: ops.rnn_cell_inference(
+        _t(B_, 2, device=d), _t(B_, H_, device=d), _t(H_, 2, device=d), _t(H_, H_, device=d),
+        None, None, "sigmoid"),
+    "lstm_inference_w_hh_rows": lambda d: ops.lstm_cell_inference(
+        _t(B_, 2, device=d), _t(B_, H_, device=d), _t(B_, H_, device=d),
+        _t(4 * H_, 2, device=d), _t(3 * H_, H_, device=d), None, None),
+    "lstm_inference_cx_cols": lambda d: ops.lstm_cell_inference(
+        _t(B_, 2, device=d), _t(B_, H_, device=d), _t(B_, H_ + 1, device=d),
+        _t(4 * H_, 2, device=d), _t(4 * H_, H_, device=d), None, None),
+    "lstm_inference_b_hh_len": lambda d: ops.lstm_cell_inference(
+        _t(B_, 2, device=d), _t(B_, H_, device=d), _t(B_, H_, device=d),
+        _t(4 * H_, 2, device=d), _t(4 * H_, H_, device=d), None, _t(H_, device=d)),
+    "gru_inference_input_1d": lambda d: ops.gru_cell_inference(
+        _t(2, device=d), _t(B_, H_, device=d), _t(3 * H_, 2, device=d),
+        _t(3 * H_, H_, device=d), None, None),
+    "gru_inference_w_ih_dtype": lambda d: ops.gru_cell_inference(
+        _t(B_, 2, device=d), _t(B_, H_, device=d), _t(3 * H_, 2, dtype=torch.float32, device=d),
+        _t(3 * H_, H_, device=d), None, None),
+    "gru_inference_int": lambda d: ops.gru_cell_inference(
+        _t(B_, 2, dtype=torch.int64, device=d), _t(B_, H_, dtype=torch.int64, device=d),
+        _t(3 * H_, 2, dtype=torch.int64, device=d), _t(3 * H_, H_, dtype=torch.int64, device=d),
+        None, None),
 }
 
 

@@ -109,7 +109,16 @@ def valid_args(name: str, rng: random.Random, dtype: torch.dtype, device: str = 
     a: dict = {}
     if kind == "cell":
         B = rng.randint(0, 5)
-        if direction == "forward":
+        if direction == "inference":
+            I = rng.randint(1, 4)
+            a["input"] = t(B, I)
+            a["hx"] = t(B, H)
+            if family == "lstm":
+                a["cx"] = t(B, H)
+            a.update(w_ih=t(G * H, I), w_hh=t(G * H, H), b_ih=maybe(G * H), b_hh=maybe(G * H))
+            if family == "rnn":
+                a["nonlinearity"] = nonlinearity()
+        elif direction == "forward":
             a.update(xg=t(B, G * H), hg=t(B, G * H), b_ih=maybe(G * H), b_hh=maybe(G * H))
             if family == "rnn":
                 a["nonlinearity"] = nonlinearity()
@@ -169,7 +178,10 @@ def valid_args(name: str, rng: random.Random, dtype: torch.dtype, device: str = 
 
 def reference_outputs(name: str, a: dict) -> tuple:
     """What rnn_ext.reference computes for forward op `name` (its state outputs only)."""
-    family, kind, _ = name.split("_")
+    family, kind, direction = name.split("_")
+    if kind == "cell" and direction == "inference":  # the forward op's arguments, from ATen GEMMs
+        a = dict(xg=a["input"] @ a["w_ih"].t(), hg=a["hx"] @ a["w_hh"].t(), b_ih=a["b_ih"],
+                 b_hh=a["b_hh"], cx=a.get("cx"), hx=a["hx"], nonlinearity=a.get("nonlinearity"))
     if kind == "cell":
         if family == "rnn":
             return (reference.rnn_cell_step(a["xg"], a["hg"], a["b_ih"], a["b_hh"],
@@ -666,7 +678,7 @@ def test_fuzz_raw_ops_raise_and_never_crash(device):
     print(f"fuzz ({device}, seed {seed}): {summary['calls']} calls in {summary['seconds']} s, "
           f"raised {summary['raised']}, {summary['returned_may']} tolerated returns")
     names = op_names()
-    assert len(names) == 15, names
+    assert len(names) == 18, names
     assert set(summary["valid"]) == set(names)
     # every op was exercised both ways (the budget is time-bounded, e.g. under sanitizers)
     assert min(summary["valid"].values()) >= 3, summary
@@ -1029,9 +1041,9 @@ def test_gradients_flow_when_only_hx_requires_grad(name, which):
 @pytest.mark.parametrize("context", ["no_grad", "inference_mode", "nothing_requires_grad"])
 @pytest.mark.parametrize("name", list(MODULES))
 def test_no_saved_state_without_grad(name, context):
-    """Without grad the layers run their *_layer_inference ops, which save nothing and have no
-    backward, and no output carries a graph; with grad the *_layer_forward ops save their
-    workspace."""
+    """Without grad the modules run the *_inference ops, which save nothing and have no
+    backward, and no output carries a graph; with grad the layers' *_layer_forward ops save
+    their workspace."""
     kw = {} if is_cell(name) else dict(num_layers=2, bidirectional=True)
     _, ext = make_pair(name, **kw)
     x, hx = make_input(ext, 3, 2)
@@ -1046,11 +1058,8 @@ def test_no_saved_state_without_grad(name, context):
     if context == "inference_mode":
         assert all(o.is_inference() for o in outs)
     ops_called = [f for f, _, _ in rec.calls]
-    if is_cell(name):
-        assert len([f for f in ops_called if "cell_forward" in f]) == 1, ops_called
-    else:
-        assert len(ops_called) == 4 and all("layer_inference" in f for f in ops_called), \
-            ops_called
+    assert len(ops_called) == (1 if is_cell(name) else 4), ops_called
+    assert all("_inference" in f for f in ops_called), ops_called
 
     ext.requires_grad_(True)
     with OpRecorder() as rec:
