@@ -173,20 +173,20 @@ struct LayerForward {
   Tensor saved;  // [N, S*H], or [0, S*H] when not saved (the RNN's workspace is y)
 };
 
-// The forward of one layer. `input` is xg [N, G*H], or x [N, I] when w_ih [G*H, I] is given
-// (the *_layer_inference ops); the pointwise step adds b_ih [G*H] when given.
-LayerForward run_layer_forward(const char* op, CellKind kind, const Tensor& input,
-                               const OptTensor& w_ih, const OptTensor& b_ih, const Tensor& w_hh,
+// The forward of one layer. `input` is xg [N, G*H], or, where the op `projects` it (the
+// *_layer_inference ops), x [N, I] with w_ih [G*H, I]; the pointwise step adds b_ih [G*H] when
+// given.
+LayerForward run_layer_forward(const char* op, CellKind kind, const Tensor& input, bool projects,
+                               const Tensor& w_ih, const OptTensor& b_ih, const Tensor& w_hh,
                                const OptTensor& b_hh, const OptTensor& w_hr, const Tensor& h0,
                                const Tensor& c0, const Tensor& batch_sizes, bool reverse,
                                bool save) {
   const ArgChecker check(op, input);
   const LayerShape s = check_layer_weights(check, kind, w_hh, b_hh, w_hr, h0);
   const int64_t GH = s.gates * s.hidden;
-  const bool projects = w_ih.has_value() && w_ih->defined();
   if (projects) {
     check(input, "x", {-1, -1});
-    check(*w_ih, "w_ih", {GH, input.size(1)});
+    check(w_ih, "w_ih", {GH, input.size(1)});  // raises on an undefined w_ih too
   } else {
     check(input, "xg", {-1, GH});
   }
@@ -202,7 +202,7 @@ LayerForward run_layer_forward(const char* op, CellKind kind, const Tensor& inpu
   const auto opts = input.options();
   const bool proj = w_hr.has_value() && w_hr->defined();
 
-  InputGates gates = projects ? InputGates(input, *w_ih) : InputGates(input);
+  InputGates gates = projects ? InputGates(input, w_ih) : InputGates(input);
   const Tensor bias_ih = optional_contiguous(b_ih);
   const Tensor h_init = h0.contiguous();
   const Tensor w = w_hh.contiguous();
@@ -434,8 +434,8 @@ std::tuple<Tensor, Tensor> rnn_layer_forward(const Tensor& xg, const Tensor& w_h
                                              const Tensor& batch_sizes, bool reverse,
                                              std::string_view nonlinearity) {
   const char* op = "rnn_ext::rnn_layer_forward";
-  auto r = run_layer_forward(op, rnn_cell_kind(op, nonlinearity), xg, {}, {}, w_hh, b_hh, {}, h0,
-                             {}, batch_sizes, reverse, false);
+  auto r = run_layer_forward(op, rnn_cell_kind(op, nonlinearity), xg, false, {}, {}, w_hh, b_hh,
+                             {}, h0, {}, batch_sizes, reverse, false);
   return {r.y, r.h_n};
 }
 
@@ -452,8 +452,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
     const Tensor& xg, const Tensor& w_hh, const OptTensor& b_hh, const OptTensor& w_hr,
     const Tensor& h0, const Tensor& c0, const Tensor& batch_sizes, bool reverse,
     bool save_workspace) {
-  auto r = run_layer_forward("rnn_ext::lstm_layer_forward", CellKind::kLstm, xg, {}, {}, w_hh,
-                             b_hh, w_hr, h0, c0, batch_sizes, reverse, save_workspace);
+  auto r = run_layer_forward("rnn_ext::lstm_layer_forward", CellKind::kLstm, xg, false, {}, {},
+                             w_hh, b_hh, w_hr, h0, c0, batch_sizes, reverse, save_workspace);
   return {r.y, r.h_n, r.c_n, r.saved};
 }
 
@@ -470,8 +470,8 @@ std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(const Tensor& xg, const Ten
                                                      const OptTensor& b_hh, const Tensor& h0,
                                                      const Tensor& batch_sizes, bool reverse,
                                                      bool save_workspace) {
-  auto r = run_layer_forward("rnn_ext::gru_layer_forward", CellKind::kGru, xg, {}, {}, w_hh, b_hh,
-                             {}, h0, {}, batch_sizes, reverse, save_workspace);
+  auto r = run_layer_forward("rnn_ext::gru_layer_forward", CellKind::kGru, xg, false, {}, {}, w_hh,
+                             b_hh, {}, h0, {}, batch_sizes, reverse, save_workspace);
   return {r.y, r.h_n, r.saved};
 }
 
@@ -489,8 +489,8 @@ std::tuple<Tensor, Tensor> rnn_layer_inference(const Tensor& x, const Tensor& w_
                                                const Tensor& batch_sizes, bool reverse,
                                                std::string_view nonlinearity) {
   const char* op = "rnn_ext::rnn_layer_inference";
-  auto r = run_layer_forward(op, rnn_cell_kind(op, nonlinearity), x, w_ih, b_ih, w_hh, b_hh, {},
-                             h0, {}, batch_sizes, reverse, false);
+  auto r = run_layer_forward(op, rnn_cell_kind(op, nonlinearity), x, true, w_ih, b_ih, w_hh, b_hh,
+                             {}, h0, {}, batch_sizes, reverse, false);
   return {r.y, r.h_n};
 }
 
@@ -498,8 +498,8 @@ std::tuple<Tensor, Tensor, Tensor> lstm_layer_inference(
     const Tensor& x, const Tensor& w_ih, const OptTensor& b_ih, const Tensor& w_hh,
     const OptTensor& b_hh, const OptTensor& w_hr, const Tensor& h0, const Tensor& c0,
     const Tensor& batch_sizes, bool reverse) {
-  auto r = run_layer_forward("rnn_ext::lstm_layer_inference", CellKind::kLstm, x, w_ih, b_ih,
-                             w_hh, b_hh, w_hr, h0, c0, batch_sizes, reverse, false);
+  auto r = run_layer_forward("rnn_ext::lstm_layer_inference", CellKind::kLstm, x, true, w_ih,
+                             b_ih, w_hh, b_hh, w_hr, h0, c0, batch_sizes, reverse, false);
   return {r.y, r.h_n, r.c_n};
 }
 
@@ -507,8 +507,8 @@ std::tuple<Tensor, Tensor> gru_layer_inference(const Tensor& x, const Tensor& w_
                                                const OptTensor& b_ih, const Tensor& w_hh,
                                                const OptTensor& b_hh, const Tensor& h0,
                                                const Tensor& batch_sizes, bool reverse) {
-  auto r = run_layer_forward("rnn_ext::gru_layer_inference", CellKind::kGru, x, w_ih, b_ih, w_hh,
-                             b_hh, {}, h0, {}, batch_sizes, reverse, false);
+  auto r = run_layer_forward("rnn_ext::gru_layer_inference", CellKind::kGru, x, true, w_ih, b_ih,
+                             w_hh, b_hh, {}, h0, {}, batch_sizes, reverse, false);
   return {r.y, r.h_n};
 }
 

@@ -519,6 +519,9 @@ ERROR_CASES = {
     "rnn_inference_w_ih_cols": lambda d: ops.rnn_cell_inference(
         _t(B_, 2, device=d), _t(B_, H_, device=d), _t(H_, 3, device=d), _t(H_, H_, device=d),
         None, None, "tanh"),
+    "rnn_inference_no_w_ih": lambda d: ops.rnn_cell_inference(
+        _t(B_, H_, device=d), _t(B_, H_, device=d), None, _t(H_, H_, device=d), None, None,
+        "tanh"),
     "rnn_inference_hx_rows": lambda d: ops.rnn_cell_inference(
         _t(B_, 2, device=d), _t(B_ + 1, H_, device=d), _t(H_, 2, device=d),
         _t(H_, H_, device=d), None, None, "tanh"),

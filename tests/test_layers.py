@@ -1220,6 +1220,9 @@ def _inference_cases():
     a = inference_inputs("lstm", True, True, torch.tensor([3, 3, 2, 1]))
     return {
         "inference-w_ih-cols": (_inference(w_ih=a["w_ih"][:, :1]), "w_ih"),
+        # x as wide as xg must not run as xg when w_ih is missing
+        "inference-no-w_ih": (_inference("gru", x=torch.zeros(9, 9, dtype=torch.float64),
+                                         w_ih=None), "w_ih is undefined"),
         "inference-w_ih-rows": (_inference(w_ih=a["w_ih"][:-1]), "w_ih"),
         "inference-b_ih-size": (_inference(b_ih=a["b_ih"][:-1]), "b_ih"),
         "inference-x-1d": (_inference(x=a["x"].flatten()), "x must have shape"),
