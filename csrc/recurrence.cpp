@@ -124,7 +124,7 @@ class StepQueue {
 // a chunk's buffer is reused, and stays in cache from its GEMM to its steps.
 class InputGates {
  public:
-  static constexpr int64_t kChunkBytes = int64_t{4} << 20;
+  static constexpr int64_t kChunkBytes = int64_t{16} << 20;
 
   explicit InputGates(const Tensor& xg) : xg_(xg.contiguous()), lo_(0), hi_(xg_.size(0)) {}
   // x: [N, I]; w_ih: [G*H, I]

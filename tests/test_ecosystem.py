@@ -179,6 +179,8 @@ def test_compile_dynamic_true_and_no_grad(dynamo):
         x = torch.randn(6, B, I)
         assert_all_close(flat(compiled(x)), flat(model(x)), 1e-6, "no_grad")
     assert len(backend.graphs) == 2
+    assert backend.ops(0) == {"rnn_ext.lstm_layer_forward"}
+    assert backend.ops(1) == {"rnn_ext.lstm_layer_inference"}
 
 
 def test_compile_packed_sequence(dynamo):
@@ -227,6 +229,11 @@ def test_compile_cells_in_a_python_loop():
     assert len(backend.graphs) == 1
     assert backend.ops() == {"rnn_ext.lstm_cell_forward", "rnn_ext.gru_cell_forward",
                              "rnn_ext.rnn_cell_forward"}
+    with torch.no_grad():  # a graph of the inference ops, with the same values
+        compiled = torch.compile(model, fullgraph=True, backend=backend)
+        assert_all_close([compiled(x)], [model(x)], 1e-6, "cells, no_grad")
+    assert backend.ops() == {"rnn_ext.lstm_cell_inference", "rnn_ext.gru_cell_inference",
+                             "rnn_ext.rnn_cell_inference"}
     torch._dynamo.reset()
 
 

@@ -300,8 +300,8 @@ def test_inference_saves_nothing(mode):
         assert args[-1] is True and results[-1].shape[0] == T * B
 
 
-# Sizes whose input projection exceeds the 4 MB that the inference ops project at once (in
-# float64): G*H = 256 or 288 columns, 2 KB or more per row, and 2500+ rows.
+# Sizes whose input projection exceeds the 16 MB that the inference ops project at once
+# (InputGates::kChunkBytes; in float64): G*H = 256 or 288 columns, 2 KB or more per row.
 CHUNKED_HIDDEN = {"RNN_TANH": 256, "RNN_RELU": 256, "LSTM": 64, "GRU": 96}
 
 
@@ -316,11 +316,11 @@ def test_inference_in_chunks_matches_torch_nn(mode, device):
     ref, ext = make_pair(mode, device=device, input_size=16, hidden_size=CHUNKED_HIDDEN[mode],
                          num_layers=2, bidirectional=True, **({"proj_size": 48} if lstm else {}))
     torch.manual_seed(0)
-    lengths = sorted(torch.randint(20, 61, (64,)).tolist(), reverse=True)
-    lengths[0] = 60
-    x = pack_padded_sequence(torch.randn(60, 64, 16, dtype=torch.float64, device=device),
+    lengths = sorted(torch.randint(90, 151, (80,)).tolist(), reverse=True)
+    lengths[0] = 150
+    x = pack_padded_sequence(torch.randn(150, 80, 16, dtype=torch.float64, device=device),
                              lengths)
-    assert x.data.shape[0] * 256 * 8 > 4 << 20
+    assert x.data.shape[0] * 256 * 8 > 16 << 20
     with torch.no_grad(), OpRecorder() as rec:
         ext_out, ext_hidden = ext(x)
         ref_out, ref_hidden = ref(x)
@@ -339,7 +339,8 @@ def test_inference_in_chunks_matches_torch_nn(mode, device):
 def test_inference_step_larger_than_a_chunk(mode):
     """A batch whose one step's projection exceeds the chunk size: one step per chunk."""
     ref, ext = make_pair(mode, input_size=8, hidden_size=CHUNKED_HIDDEN[mode])
-    x = torch.randn(3, 2100, 8, dtype=torch.float64)
+    x = torch.randn(3, 8400, 8, dtype=torch.float64)
+    assert x.shape[1] * 256 * 8 > 16 << 20
     with torch.no_grad():
         ext_out, ext_hidden = ext(x)
         ref_out, ref_hidden = ref(x)
