@@ -138,10 +138,13 @@ def valid_args(name: str, rng: random.Random, dtype: torch.dtype, device: str = 
     P = rng.randint(1, 5) if proj else H
     w_hr = t(P, H) if proj else None
     steps = dict(batch_sizes=torch.tensor(sizes, dtype=torch.int64), reverse=rng.random() < 0.5)
-    if direction == "inference":
-        I = rng.randint(1, 4)
-        a.update(x=t(N, I), w_ih=t(G * H, I), b_ih=maybe(G * H), w_hh=t(G * H, P),
-                 b_hh=maybe(G * H))
+    if direction in ("forward", "inference"):
+        if direction == "inference":  # x and w_ih in place of xg; no workspace flag
+            I = rng.randint(1, 4)
+            a.update(x=t(N, I), w_ih=t(G * H, I), b_ih=maybe(G * H))
+        else:
+            a["xg"] = t(N, G * H)
+        a.update(w_hh=t(G * H, P), b_hh=maybe(G * H))
         if family == "lstm":
             a.update(w_hr=w_hr, h0=t(B, P), c0=t(B, H))
         else:
@@ -149,16 +152,7 @@ def valid_args(name: str, rng: random.Random, dtype: torch.dtype, device: str = 
         a.update(steps)
         if family == "rnn":
             a["nonlinearity"] = nonlinearity()
-    elif direction == "forward":
-        a.update(xg=t(N, G * H), w_hh=t(G * H, P), b_hh=maybe(G * H))
-        if family == "lstm":
-            a.update(w_hr=w_hr, h0=t(B, P), c0=t(B, H))
-        else:
-            a["h0"] = t(B, H)
-        a.update(steps)
-        if family == "rnn":
-            a["nonlinearity"] = nonlinearity()
-        else:
+        elif direction == "forward":
             a["save_workspace"] = rng.random() < 0.7
     else:
         a.update(grad_y=t(N, P), grad_h_n=t(B, P))
