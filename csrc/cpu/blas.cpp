@@ -176,6 +176,8 @@ std::unique_ptr<PackedWeight> PackedWeight::pack(const float* w, int64_t n, int6
   const size_t bytes = (cblas_sgemm_pack_get_size(kCblasBMatrix, m, n, k) + 63) / 64 * 64;
   float* buffer = BufferPool::instance().acquire(bytes);
   if (buffer == nullptr) return nullptr;
+  // A copy, bound by memory: below a few MB a second thread saves less than waking it costs.
+  const SerialBlas serial(n * k < kSerialGemmWork);
   cblas_sgemm_pack(kCblasRowMajor, kCblasBMatrix, transposed ? kCblasTrans : kCblasNoTrans, m, n,
                    k, 1.0f, w, ldw, buffer);
   return std::unique_ptr<PackedWeight>(new PackedWeight(buffer, bytes, m, n, k));
@@ -187,6 +189,11 @@ std::unique_ptr<PackedWeight> PackedWeight::pack_slabs(const float* w,
                                                        int64_t ldw, int64_t m) {
   const int64_t n = static_cast<int64_t>(slab_rows.size()) * rows_per_slab;
   if (n == 0 || k == 0) return nullptr;
+  bool contiguous = true;  // slab s starts where slab s - 1 ends: w's rows as they are
+  for (size_t s = 1; s < slab_rows.size(); ++s) {
+    contiguous = contiguous && slab_rows[s] == slab_rows[s - 1] + rows_per_slab;
+  }
+  if (contiguous) return pack(w + slab_rows[0] * ldw, n, k, ldw, m, /*transposed=*/true);
   // The slabs gathered into one [n, k] matrix first, in a pooled buffer (no page faults).
   const size_t bytes = static_cast<size_t>(n * k) * sizeof(float);
   float* gathered = BufferPool::instance().acquire((bytes + 63) / 64 * 64);
