@@ -1,6 +1,7 @@
 // torch.ops.rnn_ext: schemas and their CPU / CUDA implementations. The ops are device-agnostic
 // (the GEMMs and pointwise kernels of the device table in kernels.h), so both keys share them.
-// Autograd and fake (meta) implementations are registered from Python (rnn_ext/_ops.py).
+// Autograd kernels are in autograd.cpp; fake (meta) kernels and differentiable_backward's are
+// registered from Python (rnn_ext/_ops.py).
 //
 // Shapes: B batch rows, H hidden units, G gates per unit (RNN 1, LSTM 4, GRU 3), S saved values
 // per unit (LSTM 5: i, f, g, o, c; GRU 5: r, z, n, W_hn h + b_hn, h), P the output size
@@ -17,7 +18,6 @@
 //   y: [N, P] the layer's output, h_n: [B, P], c_n: [B, H] its final states
 //   workspace: [B or N, S*H] what the backward reads ([0, S*H] when save_workspace is False);
 //              the RNN's workspace is its output (hy, or y).
-#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include "ops.h"
@@ -68,6 +68,16 @@ TORCH_LIBRARY(rnn_ext, m) {
         " -> (Tensor y, Tensor h_n, Tensor c_n)");
   m.def("gru_layer_inference(Tensor x, Tensor w_ih, Tensor? b_ih, Tensor w_hh, Tensor? b_hh,"
         " Tensor h0, Tensor batch_sizes, bool reverse) -> (Tensor y, Tensor h_n)");
+  // The gradients of one step of the math (cells) or of a layer's recurrence, as a graph:
+  // the forward ops' backward under create_graph (double backward), from the reference
+  // formulas. step: "rnn_tanh_cell", "rnn_relu_cell", "lstm_cell", "gru_cell", or the same
+  // with "_layer"; inputs: the tensor inputs of its forward op (*_cell_forward,
+  // *_layer_forward) in schema order, batch_sizes left out, None where absent; grads: the
+  // gradients of that op's outputs but the workspace; batch_sizes (layers only) and reverse:
+  // the op's. One gradient per input: zeros where it does not require grad, an empty tensor
+  // where it is absent.
+  m.def("differentiable_backward(str step, Tensor?[] inputs, Tensor[] grads,"
+        " Tensor? batch_sizes, bool reverse) -> Tensor[]");
 }
 
 namespace {
@@ -97,13 +107,3 @@ void register_impls(torch::Library& m) {
 // device type cuda" error from kernels.cpp instead of the dispatcher's generic one.
 TORCH_LIBRARY_IMPL(rnn_ext, CPU, m) { register_impls(m); }
 TORCH_LIBRARY_IMPL(rnn_ext, CUDA, m) { register_impls(m); }
-
-// The inference ops have no backward: on inputs that require grad their outputs get a node that
-// raises when reached ("derivative ... is not implemented"). In C++, unlike the forward ops'
-// Python autograd, so that a cell step pays no Python call for it.
-TORCH_LIBRARY_IMPL(rnn_ext, Autograd, m) {
-  for (const char* name : {"rnn_cell_inference", "lstm_cell_inference", "gru_cell_inference",
-                           "rnn_layer_inference", "lstm_layer_inference", "gru_layer_inference"}) {
-    m.impl(name, torch::autograd::autogradNotImplementedFallback());
-  }
-}

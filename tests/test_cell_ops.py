@@ -220,6 +220,55 @@ def test_autograd_only_state_requires_grad(device, kind):
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("bias", ["ih", False], ids=["b_ih_only", "nobias"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_differentiable_backward_matches_fused_backward(device, kind, bias):
+    """differentiable_backward (the backward under create_graph) gives the gradients the fused
+    backward op gives, as a graph; zeros for an input that does not require grad, an empty
+    tensor for an absent one."""
+    args = make_inputs(kind, 3, 4, torch.float64, device, bias, requires_grad=True, seed=23)
+    args[0].requires_grad_(False)
+    outputs = run_op(kind, args)
+    grads = [torch.randn_like(o) for o in outputs]
+    present = [a for a in tensors(args) if a.requires_grad]
+    fused = iter(torch.autograd.grad(outputs, present, grads))
+    step = kind + "_cell"
+    inputs = list(args[:4]) + ([] if kind.startswith("rnn") else [args[4]])
+    found = ops.differentiable_backward(step, inputs, grads, None, False)
+    assert len(found) == len(inputs)
+    for got, arg in zip(found, inputs):
+        if arg is None:
+            assert got.numel() == 0
+        elif not arg.requires_grad:
+            assert got.shape == arg.shape and (got == 0).all()
+        else:
+            assert got.requires_grad
+            torch.testing.assert_close(got, next(fused), atol=1e-12, rtol=0)
+
+
+def test_differentiable_backward_validates(device):
+    """Bad arguments raise: the step, the number of inputs, batch_sizes for a cell, inputs the
+    forward op rejects, gradients unlike its outputs."""
+    xg, hg, b_ih, b_hh, cx = make_inputs("lstm", 3, 4, torch.float64, device, seed=24)
+    grads = [torch.ones(3, 4, dtype=torch.float64, device=device)] * 2
+    inputs = [xg, hg, b_ih, b_hh, cx]
+    call = ops.differentiable_backward
+    with pytest.raises(ValueError, match="step must be one of"):
+        call("lstm", inputs, grads, None, False)
+    with pytest.raises(ValueError, match="takes 5 inputs, got 4"):
+        call("lstm_cell", inputs[:4], grads, None, False)
+    with pytest.raises(ValueError, match="batch_sizes is required for a layer and None"):
+        call("lstm_cell", inputs, grads, torch.tensor([3]), False)
+    with pytest.raises(RuntimeError, match="b_ih"):
+        call("lstm_cell", [xg, hg, b_ih[:1], b_hh, cx], grads, None, False)
+    with pytest.raises(ValueError, match="grads must be 2 tensors"):
+        call("lstm_cell", inputs, grads[:1], None, False)
+    with pytest.raises(ValueError, match="grads must be 2 tensors"):
+        call("lstm_cell", inputs, [grads[0], grads[1][:, :3]], None, False)
+    with pytest.raises(ValueError, match="grads must be 2 tensors"):
+        call("lstm_cell", inputs, [grads[0], grads[1].float()], None, False)
+
+
 # ------------------------------------------------------------------------------------ opcheck
 
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])

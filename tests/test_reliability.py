@@ -93,6 +93,8 @@ def _random_batch_sizes(rng: random.Random, batch: int) -> list[int]:
 def valid_args(name: str, rng: random.Random, dtype: torch.dtype, device: str = "cpu") -> dict:
     """A random, small, valid argument set of op `name` (shapes of csrc/registration.cpp),
     in schema order, its tensors on `device` (batch_sizes on the CPU, as PackedSequence's)."""
+    if name == "differentiable_backward":
+        return _differentiable_backward_args(rng, dtype, device)
     family, kind, direction = name.split("_")
     G, S = GATES[family], SAVED[family]
     H = rng.randint(1, 5)
@@ -168,6 +170,20 @@ def valid_args(name: str, rng: random.Random, dtype: torch.dtype, device: str = 
         if family == "rnn":
             a["nonlinearity"] = nonlinearity()
     return a
+
+
+def _differentiable_backward_args(rng: random.Random, dtype: torch.dtype, device: str) -> dict:
+    """differentiable_backward's: a step, valid inputs of its forward op (requiring grad) and
+    random gradients of that op's differentiable outputs."""
+    family, kind = rng.choice(("rnn", "lstm", "gru")), rng.choice(("cell", "layer"))
+    forward = valid_args(f"{family}_{kind}_forward", rng, dtype, device)
+    grads = [torch.randn_like(o) for o in reference_outputs(f"{family}_{kind}_forward", forward)]
+    nonlinearity = forward.pop("nonlinearity", None)
+    batch_sizes, reverse = forward.pop("batch_sizes", None), forward.pop("reverse", False)
+    forward.pop("save_workspace", None)
+    return {"step": "_".join(w for w in (family, nonlinearity, kind) if w),
+            "inputs": [None if t is None else t.requires_grad_(True) for t in forward.values()],
+            "grads": grads, "batch_sizes": batch_sizes, "reverse": reverse}
 
 
 def reference_outputs(name: str, a: dict) -> tuple:
@@ -316,8 +332,11 @@ def _mut_dtype(c, rng, touched, required):
 
 
 def _mut_all_dtypes(c, rng, touched, required):
+    names = _tensor_names(c.args, touched)
+    if not names:
+        return None
     dtype = rng.choice(OTHER_DTYPES)
-    for k in _tensor_names(c.args, touched):
+    for k in names:
         c.args[k] = c.args[k].to(dtype)
         touched.add(k)
     return "raise" if not dtype.is_floating_point else "may"
@@ -344,8 +363,8 @@ def _mut_scalar(c, rng, touched, required):
 
 
 def _mut_meta(c, rng, touched, required):
-    names = _tensor_names(c.args, touched) + (["batch_sizes"] if "batch_sizes" in c.args
-                                              and "batch_sizes" not in touched else [])
+    names = _tensor_names(c.args, touched) + (["batch_sizes"] if _has_batch_sizes(c, touched)
+                                              else [])
     if not names:
         return None
     k = rng.choice(names)
@@ -363,7 +382,7 @@ def _mut_device(c, rng, touched, required):
     if device.type == "cpu" and not torch.cuda.is_available():
         return None
     names = _tensor_names(c.args, touched) if device.type != "cpu" else []
-    if "batch_sizes" in c.args and "batch_sizes" not in touched and torch.cuda.is_available():
+    if _has_batch_sizes(c, touched) and torch.cuda.is_available():
         names.append("batch_sizes")
     if not names:
         return None
@@ -373,8 +392,14 @@ def _mut_device(c, rng, touched, required):
     return "raise"
 
 
+def _has_batch_sizes(c, touched) -> bool:
+    """Whether the call has an untouched batch_sizes (a layer's: differentiable_backward's is
+    None for a cell)."""
+    return c.args.get("batch_sizes") is not None and "batch_sizes" not in touched
+
+
 def _mut_batch_sizes(c, rng, touched, required):
-    if "batch_sizes" not in c.args or "batch_sizes" in touched:
+    if not _has_batch_sizes(c, touched):
         return None
     touched.add("batch_sizes")
     bs = c.args["batch_sizes"].tolist()
@@ -672,7 +697,7 @@ def test_fuzz_raw_ops_raise_and_never_crash(device):
     print(f"fuzz ({device}, seed {seed}): {summary['calls']} calls in {summary['seconds']} s, "
           f"raised {summary['raised']}, {summary['returned_may']} tolerated returns")
     names = op_names()
-    assert len(names) == 18, names
+    assert len(names) == 19, names
     assert set(summary["valid"]) == set(names)
     # every op was exercised both ways (the budget is time-bounded, e.g. under sanitizers)
     assert min(summary["valid"].values()) >= 3, summary
