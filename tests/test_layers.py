@@ -922,6 +922,31 @@ def test_layer_op_full_gradgradcheck(case, reverse):
     assert torch.autograd.gradgradcheck(as_function(kind, batch_sizes, reverse, present), inputs)
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("case", LAYER_KINDS, ids=kind_id)
+def test_differentiable_backward_matches_fused_backward(case, reverse):
+    """differentiable_backward (the layer ops' backward under create_graph) gives the fused
+    backward op's gradients, as a graph; an empty tensor for an absent input."""
+    kind, bias, proj = case
+    batch_sizes = torch.tensor([3, 2, 2, 1])
+    t = layer_inputs(kind, bias, proj, batch_sizes, seed=2)
+    present = [n for n in NAMES if t[n] is not None]
+    for n in present:
+        t[n].requires_grad_(True)
+    outputs = call_forward(kind, t, batch_sizes, reverse)
+    grads = [torch.randn_like(o) for o in outputs]
+    fused = dict(zip(present, torch.autograd.grad(outputs, [t[n] for n in present], grads)))
+    names = [n for n in NAMES if kind == "lstm" or n not in ("w_hr", "c0")]
+    step = {"tanh": "rnn_tanh_layer", "relu": "rnn_relu_layer"}.get(kind, f"{kind}_layer")
+    found = ops.differentiable_backward(step, [t[n] for n in names], grads, batch_sizes, reverse)
+    for name, got in zip(names, found, strict=True):
+        if t[name] is None:
+            assert got.numel() == 0, name
+        else:
+            assert got.requires_grad, name
+            torch.testing.assert_close(got, fused[name], atol=1e-10, rtol=1e-10, msg=name)
+
+
 def call_backward(kind, t, y, workspace, gy, gh, gc, batch_sizes, reverse):
     """The layer backward op, its results by the name of the input they belong to."""
     if kind in ("tanh", "relu"):
