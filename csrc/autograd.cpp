@@ -11,6 +11,7 @@
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "ops.h"
 
 namespace rnn_ext {
@@ -55,9 +56,9 @@ Tensor bias_grad(const Tensor& grad_gates, const Tensor& bias) {
   return bias.defined() ? grad_gates.sum(0) : Tensor();
 }
 
-// The gradients, as a graph, of `step` ("lstm_cell", "rnn_tanh_layer", ...: see
-// differentiable_backward) w.r.t. its forward op's tensor inputs `inputs` (schema order;
-// undefined where absent), followed by `trailing` undefined ones for its other arguments.
+// The gradients, as a graph, of op `step` ("lstm_cell_forward", "rnn_tanh_layer_forward", ...:
+// see differentiable_backward) w.r.t. its tensor inputs `inputs` (schema order; undefined where
+// absent), followed by `trailing` undefined ones for its other arguments.
 variable_list graph_gradients(const std::string& step, const variable_list& inputs,
                               const variable_list& grads, size_t trailing,
                               const Tensor& batch_sizes = {}, bool reverse = false) {
@@ -98,8 +99,8 @@ struct RnnCellForward : Function<RnnCellForward> {
     const variable_list saved = ctx->get_saved_variables();
     const std::string nonlinearity = ctx->saved_data["nonlinearity"].toStringRef();
     if (at::GradMode::is_enabled()) {
-      return graph_gradients("rnn_" + nonlinearity + "_cell", {saved.begin(), saved.begin() + 4},
-                             grads, 1);
+      return graph_gradients("rnn_" + nonlinearity + "_cell_forward",
+                             {saved.begin(), saved.begin() + 4}, grads, 1);
     }
     const Tensor grad =
         op<&rnn_cell_backward>("rnn_cell_backward").call(grads[0], saved[4], nonlinearity);
@@ -124,7 +125,7 @@ struct LstmCellForward : Function<LstmCellForward> {
     const variable_list saved = ctx->get_saved_variables();
     const Tensor grad_hy = or_zeros(grads[0], saved[4]), grad_cy = or_zeros(grads[1], saved[4]);
     if (at::GradMode::is_enabled()) {
-      return graph_gradients("lstm_cell", {saved.begin(), saved.begin() + 5},
+      return graph_gradients("lstm_cell_forward", {saved.begin(), saved.begin() + 5},
                              {grad_hy, grad_cy}, 0);
     }
     auto [grad_gates, grad_cx] =
@@ -149,7 +150,7 @@ struct GruCellForward : Function<GruCellForward> {
     const variable_list saved = ctx->get_saved_variables();
     const Tensor grad_hy = or_zeros(grads[0], saved[4]);
     if (at::GradMode::is_enabled()) {
-      return graph_gradients("gru_cell", {saved.begin(), saved.begin() + 5}, {grad_hy}, 0);
+      return graph_gradients("gru_cell_forward", {saved.begin(), saved.begin() + 5}, {grad_hy}, 0);
     }
     auto [grad_xg, grad_hg, grad_hx] =
         op<&gru_cell_backward>("gru_cell_backward").call(grad_hy, saved[5]);
@@ -157,6 +158,177 @@ struct GruCellForward : Function<GruCellForward> {
             grad_hx};
   }
 };
+
+// ---------------------------------------------------------------- whole cells
+// One node for a whole step: xg = input @ w_ihᵀ and hg = hx @ w_hhᵀ, then the pointwise forward
+// op; backward runs the pointwise backward op, then the gradients of the GEMMs. Saved: the
+// op's tensor inputs (schema order), then the pointwise op's workspace (the RNN's: hy).
+
+// The gate pre-activations' GEMMs: xg = input @ w_ihᵀ [B, G*H] and hg = hx @ w_hhᵀ [B, G*H].
+std::pair<Tensor, Tensor> projections(const Tensor& input, const Tensor& hx, const Tensor& w_ih,
+                                      const Tensor& w_hh) {
+  return {at::mm(input, w_ih.t()), at::mm(hx, w_hh.t())};
+}
+
+// Which of the tensor arguments `inputs` (in order, undefined where absent) need a gradient.
+// The context counts its edges over the tensors present only.
+std::vector<bool> needing_grad(AutogradContext* ctx, const variable_list& inputs) {
+  std::vector<bool> needed;
+  size_t edge = 0;
+  for (const Tensor& input : inputs) {
+    needed.push_back(input.defined() && ctx->needs_input_grad(edge++));
+  }
+  return needed;
+}
+
+struct ProjectionGrads {
+  Tensor input, hx, w_ih, w_hh, b_ih, b_hh;
+};
+
+// The gradients of input, hx, w_ih, w_hh, b_ih and b_hh from those of xg and hg, where
+// `needed` (in that order). `grad_hx_direct`, where defined, is the part of hx's gradient that
+// does not pass through hg (the GRU's z * dh').
+ProjectionGrads projection_grads(const std::array<bool, 6>& needed, const Tensor& grad_xg,
+                                 const Tensor& grad_hg, const Tensor& input, const Tensor& hx,
+                                 const Tensor& w_ih, const Tensor& w_hh,
+                                 const Tensor& grad_hx_direct = {}) {
+  ProjectionGrads g;
+  if (needed[0]) g.input = at::mm(grad_xg, w_ih);
+  if (needed[1]) {
+    g.hx = grad_hx_direct.defined() ? at::addmm(grad_hx_direct, grad_hg, w_hh)
+                                    : at::mm(grad_hg, w_hh);
+  }
+  if (needed[2]) g.w_ih = at::mm(grad_xg.t(), input);
+  if (needed[3]) g.w_hh = at::mm(grad_hg.t(), hx);
+  const bool shared = grad_xg.is_same(grad_hg);  // b_ih and b_hh add to the same gates
+  if (needed[4]) g.b_ih = grad_xg.sum(0);
+  if (needed[5]) g.b_hh = shared && g.b_ih.defined() ? g.b_ih : grad_hg.sum(0);
+  return g;
+}
+
+struct RnnCell : Function<RnnCell> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& hx,
+                        const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
+                        const OptTensor& b_hh, std::string_view nonlinearity) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const auto [xg, hg] = projections(input, hx, w_ih, w_hh);
+    Tensor hy = op<&rnn_cell_forward>("rnn_cell_forward").call(xg, hg, b_ih, b_hh, nonlinearity);
+    ctx->save_for_backward({input, hx, w_ih, w_hh, or_none(b_ih), or_none(b_hh), hy});
+    ctx->saved_data["nonlinearity"] = std::string(nonlinearity);
+    return hy;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const std::string nonlinearity = ctx->saved_data["nonlinearity"].toStringRef();
+    if (at::GradMode::is_enabled()) {
+      return graph_gradients("rnn_" + nonlinearity + "_cell", {saved.begin(), saved.begin() + 6},
+                             grads, 1);
+    }
+    const Tensor grad =
+        op<&rnn_cell_backward>("rnn_cell_backward").call(grads[0], saved[6], nonlinearity);
+    const auto n = needing_grad(ctx, {saved.begin(), saved.begin() + 6});
+    const auto g = projection_grads({n[0], n[1], n[2], n[3], n[4], n[5]}, grad, grad, saved[0],
+                                    saved[1], saved[2], saved[3]);
+    return {g.input, g.hx, g.w_ih, g.w_hh, g.b_ih, g.b_hh, Tensor()};
+  }
+};
+
+struct LstmCell : Function<LstmCell> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& hx,
+                               const Tensor& cx, const Tensor& w_ih, const Tensor& w_hh,
+                               const OptTensor& b_ih, const OptTensor& b_hh) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const auto [xg, hg] = projections(input, hx, w_ih, w_hh);
+    auto [hy, cy, workspace] =
+        op<&lstm_cell_forward>("lstm_cell_forward").call(xg, hg, b_ih, b_hh, cx);
+    ctx->save_for_backward({input, hx, cx, w_ih, w_hh, or_none(b_ih), or_none(b_hh), workspace});
+    ctx->set_materialize_grads(false);
+    return {hy, cy};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const Tensor grad_hy = or_zeros(grads[0], saved[2]), grad_cy = or_zeros(grads[1], saved[2]);
+    if (at::GradMode::is_enabled()) {
+      return graph_gradients("lstm_cell", {saved.begin(), saved.begin() + 7}, {grad_hy, grad_cy},
+                             0);
+    }
+    auto [grad_gates, grad_cx] =
+        op<&lstm_cell_backward>("lstm_cell_backward").call(grad_hy, grad_cy, saved[7]);
+    const auto n = needing_grad(ctx, {saved.begin(), saved.begin() + 7});
+    const auto g = projection_grads({n[0], n[1], n[3], n[4], n[5], n[6]}, grad_gates, grad_gates,
+                                    saved[0], saved[1], saved[3], saved[4]);
+    return {g.input, g.hx, grad_cx, g.w_ih, g.w_hh, g.b_ih, g.b_hh};
+  }
+};
+
+struct GruCell : Function<GruCell> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& hx,
+                        const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
+                        const OptTensor& b_hh) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const auto [xg, hg] = projections(input, hx, w_ih, w_hh);
+    auto [hy, workspace] = op<&gru_cell_forward>("gru_cell_forward").call(xg, hg, b_ih, b_hh, hx);
+    ctx->save_for_backward({input, hx, w_ih, w_hh, or_none(b_ih), or_none(b_hh), workspace});
+    return hy;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    if (at::GradMode::is_enabled()) {
+      return graph_gradients("gru_cell", {saved.begin(), saved.begin() + 6}, grads, 0);
+    }
+    auto [grad_xg, grad_hg, grad_hx] =
+        op<&gru_cell_backward>("gru_cell_backward").call(grads[0], saved[6]);
+    const auto n = needing_grad(ctx, {saved.begin(), saved.begin() + 6});
+    const auto g = projection_grads({n[0], n[1], n[2], n[3], n[4], n[5]}, grad_xg, grad_hg,
+                                    saved[0], saved[1], saved[2], saved[3], grad_hx);
+    return {g.input, g.hx, g.w_ih, g.w_hh, g.b_ih, g.b_hh};
+  }
+};
+
+// Whether autograd must record a step on these inputs (undefined ones are absent biases).
+bool records_graph(std::initializer_list<Tensor> inputs) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const Tensor& t : inputs) {
+    if (t.defined() && t.requires_grad()) return true;
+  }
+  return false;
+}
+
+// The whole-cell ops (CompositeImplicitAutograd): the node above where a gradient is wanted,
+// the inference op otherwise. The grad path checks what its GEMMs would not.
+Tensor rnn_cell(const Tensor& input, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
+                const OptTensor& b_ih, const OptTensor& b_hh, std::string_view nonlinearity) {
+  if (!records_graph({input, hx, w_ih, w_hh, or_none(b_ih), or_none(b_hh)})) {
+    return op<&rnn_cell_inference>("rnn_cell_inference")
+        .call(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity);
+  }
+  check_cell_step("rnn_ext::rnn_cell", 1, input, hx, w_ih, w_hh);
+  return RnnCell::apply(input, hx, w_ih, w_hh, b_ih, b_hh, nonlinearity);
+}
+
+std::tuple<Tensor, Tensor> lstm_cell(const Tensor& input, const Tensor& hx, const Tensor& cx,
+                                     const Tensor& w_ih, const Tensor& w_hh,
+                                     const OptTensor& b_ih, const OptTensor& b_hh) {
+  if (!records_graph({input, hx, cx, w_ih, w_hh, or_none(b_ih), or_none(b_hh)})) {
+    return op<&lstm_cell_inference>("lstm_cell_inference")
+        .call(input, hx, cx, w_ih, w_hh, b_ih, b_hh);
+  }
+  check_cell_step("rnn_ext::lstm_cell", 4, input, hx, w_ih, w_hh);
+  const variable_list out = LstmCell::apply(input, hx, cx, w_ih, w_hh, b_ih, b_hh);
+  return {out[0], out[1]};
+}
+
+Tensor gru_cell(const Tensor& input, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
+                const OptTensor& b_ih, const OptTensor& b_hh) {
+  if (!records_graph({input, hx, w_ih, w_hh, or_none(b_ih), or_none(b_hh)})) {
+    return op<&gru_cell_inference>("gru_cell_inference").call(input, hx, w_ih, w_hh, b_ih, b_hh);
+  }
+  check_cell_step("rnn_ext::gru_cell", 3, input, hx, w_ih, w_hh);
+  return GruCell::apply(input, hx, w_ih, w_hh, b_ih, b_hh);
+}
 
 // ---------------------------------------------------------------- layers
 // Saved: the forward's tensor inputs but batch_sizes, then y and the workspace (none for the
@@ -189,8 +361,9 @@ struct RnnLayerForward : Function<RnnLayerForward> {
     const std::string nonlinearity = ctx->saved_data["nonlinearity"].toStringRef();
     const Tensor grad_y = or_zeros(grads[0], saved[4]), grad_h_n = or_zeros(grads[1], saved[3]);
     if (at::GradMode::is_enabled()) {
-      return graph_gradients("rnn_" + nonlinearity + "_layer", {saved.begin(), saved.begin() + 4},
-                             {grad_y, grad_h_n}, 3, batch_sizes, reverse);
+      return graph_gradients("rnn_" + nonlinearity + "_layer_forward",
+                             {saved.begin(), saved.begin() + 4}, {grad_y, grad_h_n}, 3,
+                             batch_sizes, reverse);
     }
     auto [g_xg, g_w_hh, g_b_hh, g_h0] = op<&rnn_layer_backward>("rnn_layer_backward").call(
         grad_y, grad_h_n, saved[1], saved[3], saved[4], batch_sizes, reverse, nonlinearity);
@@ -222,7 +395,7 @@ struct LstmLayerForward : Function<LstmLayerForward> {
     const Tensor grad_y = or_zeros(grads[0], saved[6]), grad_h_n = or_zeros(grads[1], saved[4]),
                  grad_c_n = or_zeros(grads[2], saved[5]);
     if (at::GradMode::is_enabled()) {
-      return graph_gradients("lstm_layer", {saved.begin(), saved.begin() + 6},
+      return graph_gradients("lstm_layer_forward", {saved.begin(), saved.begin() + 6},
                              {grad_y, grad_h_n, grad_c_n}, 3, batch_sizes, reverse);
     }
     auto [g_xg, g_w_hh, g_b_hh, g_h0, g_c0, g_w_hr] =
@@ -255,7 +428,7 @@ struct GruLayerForward : Function<GruLayerForward> {
     const bool reverse = ctx->saved_data["reverse"].toBool();
     const Tensor grad_y = or_zeros(grads[0], saved[4]), grad_h_n = or_zeros(grads[1], saved[3]);
     if (at::GradMode::is_enabled()) {
-      return graph_gradients("gru_layer", {saved.begin(), saved.begin() + 4},
+      return graph_gradients("gru_layer_forward", {saved.begin(), saved.begin() + 4},
                              {grad_y, grad_h_n}, 3, batch_sizes, reverse);
     }
     auto [g_xg, g_w_hh, g_b_hh, g_h0] = op<&gru_layer_backward>("gru_layer_backward").call(
@@ -276,6 +449,12 @@ auto as_tuple(const variable_list& outputs) {
 }
 
 }  // namespace
+
+TORCH_LIBRARY_IMPL(rnn_ext, CompositeImplicitAutograd, m) {
+  m.impl("rnn_cell", &rnn_cell);
+  m.impl("lstm_cell", &lstm_cell);
+  m.impl("gru_cell", &gru_cell);
+}
 
 TORCH_LIBRARY_IMPL(rnn_ext, Autograd, m) {
   // The inference ops have no backward: on inputs that require grad their outputs get a node

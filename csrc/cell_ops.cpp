@@ -60,13 +60,8 @@ CellForward run_cell_forward(const char* op, CellKind kind, const Tensor& xg, co
 CellForward run_cell_inference(const char* op, CellKind kind, const Tensor& input,
                                const Tensor& hx, const Tensor& cx, const Tensor& w_ih,
                                const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh) {
-  const ArgChecker check(op, input);
-  check(input, "input", {-1, -1});
-  check(w_hh, "w_hh", {-1, -1});
-  const int64_t G = gates_per_unit(kind), B = input.size(0), H = w_hh.size(1);
-  TORCH_CHECK(w_hh.size(0) == G * H, op, ": w_hh must be [", G, "*H, H], got ", w_hh.sizes());
-  check(w_ih, "w_ih", {G * H, input.size(1)});
-  check(hx, "hx", {B, H});
+  const int64_t G = gates_per_unit(kind), B = input.size(0);
+  const int64_t H = check_cell_step(op, G, input, hx, w_ih, w_hh);
   const c10::DeviceGuard guard(input.device());
   const auto& kernels = device_kernels(input.device().type());
   const DataType type = data_type_of(input);

@@ -62,6 +62,22 @@ inline int64_t units_of(const char* op, const at::Tensor& gates, int64_t gates_p
   return gates.size(1) / gates_per_unit;
 }
 
+// Checks the arguments of a whole cell step of G gates per unit (as *_cell_inference and the
+// differentiable cell ops take them): input [B, I], hx [B, H], w_ih [G*H, I], w_hh [G*H, H].
+// Returns H. The biases and cx are checked by the pointwise step.
+inline int64_t check_cell_step(const char* op, int64_t G, const at::Tensor& input,
+                               const at::Tensor& hx, const at::Tensor& w_ih,
+                               const at::Tensor& w_hh) {
+  const ArgChecker check(op, input);
+  check(input, "input", {-1, -1});
+  check(w_hh, "w_hh", {-1, -1});
+  const int64_t B = input.size(0), H = w_hh.size(1);
+  TORCH_CHECK(w_hh.size(0) == G * H, op, ": w_hh must be [", G, "*H, H], got ", w_hh.sizes());
+  check(w_ih, "w_ih", {G * H, input.size(1)});
+  check(hx, "hx", {B, H});
+  return H;
+}
+
 inline at::Tensor optional_contiguous(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
 }

@@ -1,7 +1,7 @@
 // torch.ops.rnn_ext: schemas and their CPU / CUDA implementations. The ops are device-agnostic
 // (the GEMMs and pointwise kernels of the device table in kernels.h), so both keys share them.
-// Autograd kernels are in autograd.cpp; fake (meta) kernels and differentiable_backward's are
-// registered from Python (rnn_ext/_ops.py).
+// Autograd kernels, and the whole-cell ops' composite ones, are in autograd.cpp; fake (meta)
+// kernels and differentiable_backward's are registered from Python (rnn_ext/_ops.py).
 //
 // Shapes: B batch rows, H hidden units, G gates per unit (RNN 1, LSTM 4, GRU 3), S saved values
 // per unit (LSTM 5: i, f, g, o, c; GRU 5: r, z, n, W_hn h + b_hn, h), P the output size
@@ -42,6 +42,17 @@ TORCH_LIBRARY(rnn_ext, m) {
   m.def("gru_cell_inference(Tensor input, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor? b_ih,"
         " Tensor? b_hh) -> Tensor hy");
 
+  // Differentiable whole cell steps (the torch.nn cells' math, as aten::lstm_cell and its
+  // kind): the arguments of the inference ops. With a gradient to compute, the two GEMMs, the
+  // pointwise forward op, and in backward the pointwise backward op and the GEMMs' gradients,
+  // in one autograd node; without, the inference op. CompositeImplicitAutograd (autograd.cpp).
+  m.def("rnn_cell(Tensor input, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh,"
+        " str nonlinearity) -> Tensor hy");
+  m.def("lstm_cell(Tensor input, Tensor hx, Tensor cx, Tensor w_ih, Tensor w_hh, Tensor? b_ih,"
+        " Tensor? b_hh) -> (Tensor hy, Tensor cy)");
+  m.def("gru_cell(Tensor input, Tensor hx, Tensor w_ih, Tensor w_hh, Tensor? b_ih,"
+        " Tensor? b_hh) -> Tensor hy");
+
   m.def("rnn_layer_forward(Tensor xg, Tensor w_hh, Tensor? b_hh, Tensor h0, Tensor batch_sizes,"
         " bool reverse, str nonlinearity) -> (Tensor y, Tensor h_n)");
   m.def("rnn_layer_backward(Tensor grad_y, Tensor grad_h_n, Tensor w_hh, Tensor h0, Tensor y,"
@@ -68,14 +79,14 @@ TORCH_LIBRARY(rnn_ext, m) {
         " -> (Tensor y, Tensor h_n, Tensor c_n)");
   m.def("gru_layer_inference(Tensor x, Tensor w_ih, Tensor? b_ih, Tensor w_hh, Tensor? b_hh,"
         " Tensor h0, Tensor batch_sizes, bool reverse) -> (Tensor y, Tensor h_n)");
-  // The gradients of one step of the math (cells) or of a layer's recurrence, as a graph:
-  // the forward ops' backward under create_graph (double backward), from the reference
-  // formulas. step: "rnn_tanh_cell", "rnn_relu_cell", "lstm_cell", "gru_cell", or the same
-  // with "_layer"; inputs: the tensor inputs of its forward op (*_cell_forward,
-  // *_layer_forward) in schema order, batch_sizes left out, None where absent; grads: the
-  // gradients of that op's outputs but the workspace; batch_sizes (layers only) and reverse:
-  // the op's. One gradient per input: zeros where it does not require grad, an empty tensor
-  // where it is absent.
+  // The gradients of op `step` as a graph, from the reference formulas: the backward of the
+  // differentiable ops under create_graph (double backward). step: the name of a
+  // *_cell_forward, *_layer_forward or whole-cell op, with an RNN op's nonlinearity in it
+  // ("rnn_tanh_cell_forward", "lstm_layer_forward", "rnn_relu_cell", "gru_cell", ...);
+  // inputs: its tensor inputs in schema order, batch_sizes left out, None where absent; grads:
+  // the gradients of its outputs but the workspace; batch_sizes (layers only) and reverse: the
+  // op's. One gradient per input: zeros where it does not require grad, an empty tensor where
+  // it is absent.
   m.def("differentiable_backward(str step, Tensor?[] inputs, Tensor[] grads,"
         " Tensor? batch_sizes, bool reverse) -> Tensor[]");
 }

@@ -1,8 +1,8 @@
 """The Python kernels of torch.ops.rnn_ext: every op's fake (meta) kernel, and
 differentiable_backward.
 
-The forward ops' autograd is C++ (csrc/autograd.cpp): backward runs the fused backward op. When
-the caller asked for a graph of the gradient (create_graph=True: grad mode is on inside
+The differentiable ops' autograd is C++ (csrc/autograd.cpp): backward runs the fused backward
+op. When the caller asked for a graph of the gradient (create_graph=True: grad mode is on inside
 backward), it calls differentiable_backward instead, which differentiates the reference
 formulas, so double backward works. Imported by rnn_ext only when the library loaded. Shapes as
 in csrc/registration.cpp.
@@ -33,48 +33,60 @@ def _differentiate(fn: Callable[..., Sequence[Tensor | None]], inputs: Sequence[
     return [next(found) if i is not None and i.requires_grad else None for i in inputs]
 
 
-# differentiable_backward's steps: (their forward op, its nonlinearity, how many tensor inputs
-# it takes, how many of its outputs are differentiable: all but the workspace).
+# differentiable_backward's steps: the ops it differentiates, by name with an RNN op's
+# nonlinearity in it -> (the op, its nonlinearity, how many tensor inputs it takes, how many of
+# its outputs are differentiable: all but the workspace).
 _STEPS = {
-    "rnn_tanh_cell": ("rnn_cell_forward", "tanh", 4, 1),
-    "rnn_relu_cell": ("rnn_cell_forward", "relu", 4, 1),
-    "lstm_cell": ("lstm_cell_forward", None, 5, 2),
-    "gru_cell": ("gru_cell_forward", None, 5, 1),
-    "rnn_tanh_layer": ("rnn_layer_forward", "tanh", 4, 2),
-    "rnn_relu_layer": ("rnn_layer_forward", "relu", 4, 2),
-    "lstm_layer": ("lstm_layer_forward", None, 6, 3),
-    "gru_layer": ("gru_layer_forward", None, 4, 2),
+    "rnn_tanh_cell_forward": ("rnn_cell_forward", "tanh", 4, 1),
+    "rnn_relu_cell_forward": ("rnn_cell_forward", "relu", 4, 1),
+    "lstm_cell_forward": ("lstm_cell_forward", None, 5, 2),
+    "gru_cell_forward": ("gru_cell_forward", None, 5, 1),
+    "rnn_tanh_cell": ("rnn_cell", "tanh", 6, 1),
+    "rnn_relu_cell": ("rnn_cell", "relu", 6, 1),
+    "lstm_cell": ("lstm_cell", None, 7, 2),
+    "gru_cell": ("gru_cell", None, 6, 1),
+    "rnn_tanh_layer_forward": ("rnn_layer_forward", "tanh", 4, 2),
+    "rnn_relu_layer_forward": ("rnn_layer_forward", "relu", 4, 2),
+    "lstm_layer_forward": ("lstm_layer_forward", None, 6, 3),
+    "gru_layer_forward": ("gru_layer_forward", None, 4, 2),
 }
 
 
 def _reference_step(step: str, batch_sizes: Tensor | None, reverse: bool
                     ) -> Callable[..., Sequence[Tensor | None]]:
-    """The math of `step` from reference.py: the tensor inputs of its forward op (schema order,
-    batch_sizes left out) to the op's differentiable outputs."""
-    nonlinearity = _STEPS[step][1]
-    if step.endswith("_cell"):
-        if nonlinearity is not None:
-            return lambda *inputs: (reference.rnn_cell_step(*inputs, nonlinearity),)
-        if step == "lstm_cell":
-            return reference.lstm_cell_step
+    """The math of op `step` from reference.py: its tensor inputs (schema order, batch_sizes
+    left out) to its differentiable outputs."""
+    op, nonlinearity = _STEPS[step][:2]
+    if op == "rnn_cell_forward":
+        return lambda *inputs: (reference.rnn_cell_step(*inputs, nonlinearity),)
+    if op == "lstm_cell_forward":
+        return reference.lstm_cell_step
+    if op == "gru_cell_forward":
         return lambda *inputs: (reference.gru_cell_step(*inputs),)
-    if step == "lstm_layer":
+    if op == "rnn_cell":
+        cell = reference.rnn_tanh_cell if nonlinearity == "tanh" else reference.rnn_relu_cell
+        return lambda *inputs: (cell(*inputs),)
+    if op == "lstm_cell":
+        return lambda input, hx, cx, *weights: reference.lstm_cell(input, (hx, cx), *weights)
+    if op == "gru_cell":
+        return lambda *inputs: (reference.gru_cell(*inputs),)
+    if op == "lstm_layer_forward":
         return lambda xg, w_hh, b_hh, w_hr, h0, c0: reference.layer_recurrence(
             "LSTM", xg, w_hh, b_hh, w_hr, h0, c0, batch_sizes, reverse)
-    mode = "GRU" if step == "gru_layer" else _LAYER_MODE[nonlinearity]
+    mode = "GRU" if op == "gru_layer_forward" else _LAYER_MODE[nonlinearity]
     return lambda xg, w_hh, b_hh, h0: reference.layer_recurrence(
         mode, xg, w_hh, b_hh, None, h0, None, batch_sizes, reverse)[:2]
 
 
 def _check_step_arguments(step: str, inputs: list[Tensor | None], grads: list[Tensor],
                           batch_sizes: Tensor | None, reverse: bool) -> None:
-    """Raises unless the arguments are those of a valid call of the step's forward op and
-    gradients of its outputs' shapes: that op checks the inputs, on detached copies."""
+    """Raises unless the arguments are those of a valid call of op `step` and gradients of its
+    outputs' shapes: the op checks the inputs, on detached copies."""
     where = "rnn_ext::differentiable_backward"
     if step not in _STEPS:
         raise ValueError(f"{where}: step must be one of {sorted(_STEPS)}, got {step!r}")
-    forward, nonlinearity, input_count, output_count = _STEPS[step]
-    layer = step.endswith("_layer")
+    op, nonlinearity, input_count, output_count = _STEPS[step]
+    layer = "_layer_" in step
     if len(inputs) != input_count:
         raise ValueError(f"{where}: {step} takes {input_count} inputs, got {len(inputs)}")
     if layer != (batch_sizes is not None):
@@ -85,12 +97,12 @@ def _check_step_arguments(step: str, inputs: list[Tensor | None], grads: list[Te
     elif nonlinearity is not None:
         args.append(nonlinearity)
     with torch.no_grad():
-        outputs = getattr(torch.ops.rnn_ext, forward)(*args)
+        outputs = getattr(torch.ops.rnn_ext, op)(*args)
     outputs = (outputs,) if isinstance(outputs, Tensor) else outputs[:output_count]
     if len(grads) != output_count or any(
             g.shape != o.shape or g.dtype != o.dtype or g.device != o.device
             for g, o in zip(grads, outputs)):
-        raise ValueError(f"{where}: grads must be {output_count} tensors like {forward}'s "
+        raise ValueError(f"{where}: grads must be {output_count} tensors like {op}'s "
                          f"outputs {[(tuple(o.shape), o.dtype) for o in outputs]}, got "
                          f"{[(tuple(g.shape), g.dtype) for g in grads]}")
 
@@ -103,8 +115,8 @@ def _differentiable_backward(step: str, inputs: list[Tensor | None], grads: list
             for g, i in zip(found, inputs)]
 
 
-# The forward ops' autograd is C++ (csrc/autograd.cpp); under create_graph their backward calls
-# this op. CompositeImplicitAutograd: it runs on the inputs' own graph, whatever their device.
+# The differentiable ops' autograd is C++ (csrc/autograd.cpp); under create_graph their backward
+# calls this op. CompositeImplicitAutograd: it runs on the inputs' own graph, whatever their device.
 _library = torch.library.Library("rnn_ext", "IMPL")
 _library.impl("differentiable_backward", _differentiable_backward, "CompositeImplicitAutograd")
 

@@ -1,9 +1,8 @@
 """The functional API. Each function picks the backend (see _backend.py) and nothing else does.
 
 Cells take torch's arguments (input, hx, w_ih, w_hh, b_ih, b_hh): input [B, I], hx [B, H]
-(LSTM: a pair (h, c)). Where a gradient is wanted, the input projection and the hidden
-projection are two GEMMs in ATen (their backward is autograd's) and the fused op does
-everything after them; where none is, one *_cell_inference op does the whole step.
+(LSTM: a pair (h, c)), and run as one rnn_ext.*_cell op: both GEMMs and the fused step, one
+autograd node where a gradient is wanted, the *_cell_inference op where none is.
 
 `recurrent_layer` runs one direction of one layer over a time-major packed sequence (without
 grad, a *_layer_inference op that projects the input itself), and `rnn` is the multi-layer,
@@ -53,19 +52,13 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _cell_projections(input: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor) -> tuple[Tensor, Tensor]:
-    return F.linear(input, w_ih), F.linear(h, w_hh)
-
-
 def rnn_tanh_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor,
                   b_ih: Tensor | None = None, b_hh: Tensor | None = None) -> Tensor:
     """h' = tanh(W_ih x + b_ih + W_hh h + b_hh); returns h' [B, H]."""
     input, hx, w_ih, w_hh, b_ih, b_hh = _autocast(input, hx, w_ih, w_hh, b_ih, b_hh)
     if not uses_kernels(input):
         return reference.rnn_tanh_cell(input, hx, w_ih, w_hh, b_ih, b_hh)
-    if not _needs_grad(input, hx, w_ih, w_hh, b_ih, b_hh):
-        return _ops.rnn_cell_inference(input, hx, w_ih, w_hh, b_ih, b_hh, "tanh")
-    return _ops.rnn_cell_forward(*_cell_projections(input, hx, w_ih, w_hh), b_ih, b_hh, "tanh")
+    return _ops.rnn_cell(input, hx, w_ih, w_hh, b_ih, b_hh, "tanh")
 
 
 def rnn_relu_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor,
@@ -74,9 +67,7 @@ def rnn_relu_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor,
     input, hx, w_ih, w_hh, b_ih, b_hh = _autocast(input, hx, w_ih, w_hh, b_ih, b_hh)
     if not uses_kernels(input):
         return reference.rnn_relu_cell(input, hx, w_ih, w_hh, b_ih, b_hh)
-    if not _needs_grad(input, hx, w_ih, w_hh, b_ih, b_hh):
-        return _ops.rnn_cell_inference(input, hx, w_ih, w_hh, b_ih, b_hh, "relu")
-    return _ops.rnn_cell_forward(*_cell_projections(input, hx, w_ih, w_hh), b_ih, b_hh, "relu")
+    return _ops.rnn_cell(input, hx, w_ih, w_hh, b_ih, b_hh, "relu")
 
 
 def lstm_cell(input: Tensor, hx: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor,
@@ -85,11 +76,7 @@ def lstm_cell(input: Tensor, hx: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tens
     input, h, c, w_ih, w_hh, b_ih, b_hh = _autocast(input, *hx, w_ih, w_hh, b_ih, b_hh)
     if not uses_kernels(input):
         return reference.lstm_cell(input, (h, c), w_ih, w_hh, b_ih, b_hh)
-    if not _needs_grad(input, h, c, w_ih, w_hh, b_ih, b_hh):
-        return _ops.lstm_cell_inference(input, h, c, w_ih, w_hh, b_ih, b_hh)
-    xg, hg = _cell_projections(input, h, w_ih, w_hh)
-    hy, cy, _ = _ops.lstm_cell_forward(xg, hg, b_ih, b_hh, c)
-    return hy, cy
+    return _ops.lstm_cell(input, h, c, w_ih, w_hh, b_ih, b_hh)
 
 
 def gru_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor,
@@ -98,10 +85,7 @@ def gru_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor,
     input, hx, w_ih, w_hh, b_ih, b_hh = _autocast(input, hx, w_ih, w_hh, b_ih, b_hh)
     if not uses_kernels(input):
         return reference.gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh)
-    if not _needs_grad(input, hx, w_ih, w_hh, b_ih, b_hh):
-        return _ops.gru_cell_inference(input, hx, w_ih, w_hh, b_ih, b_hh)
-    xg, hg = _cell_projections(input, hx, w_ih, w_hh)
-    return _ops.gru_cell_forward(xg, hg, b_ih, b_hh, hx)[0]
+    return _ops.gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh)
 
 
 def _layer_biases(mode: str, b_ih: Tensor | None, b_hh: Tensor | None

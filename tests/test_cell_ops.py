@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.library import opcheck
 
+from conftest import OpRecorder
 from rnn_ext import reference
 
 pytestmark = pytest.mark.usefixtures("extension")
@@ -232,7 +233,7 @@ def test_differentiable_backward_matches_fused_backward(device, kind, bias):
     grads = [torch.randn_like(o) for o in outputs]
     present = [a for a in tensors(args) if a.requires_grad]
     fused = iter(torch.autograd.grad(outputs, present, grads))
-    step = kind + "_cell"
+    step = kind + "_cell_forward"
     inputs = list(args[:4]) + ([] if kind.startswith("rnn") else [args[4]])
     found = ops.differentiable_backward(step, inputs, grads, None, False)
     assert len(found) == len(inputs)
@@ -254,19 +255,19 @@ def test_differentiable_backward_validates(device):
     inputs = [xg, hg, b_ih, b_hh, cx]
     call = ops.differentiable_backward
     with pytest.raises(ValueError, match="step must be one of"):
-        call("lstm", inputs, grads, None, False)
+        call("lstm_forward", inputs, grads, None, False)
     with pytest.raises(ValueError, match="takes 5 inputs, got 4"):
-        call("lstm_cell", inputs[:4], grads, None, False)
+        call("lstm_cell_forward", inputs[:4], grads, None, False)
     with pytest.raises(ValueError, match="batch_sizes is required for a layer and None"):
-        call("lstm_cell", inputs, grads, torch.tensor([3]), False)
+        call("lstm_cell_forward", inputs, grads, torch.tensor([3]), False)
     with pytest.raises(RuntimeError, match="b_ih"):
-        call("lstm_cell", [xg, hg, b_ih[:1], b_hh, cx], grads, None, False)
+        call("lstm_cell_forward", [xg, hg, b_ih[:1], b_hh, cx], grads, None, False)
     with pytest.raises(ValueError, match="grads must be 2 tensors"):
-        call("lstm_cell", inputs, grads[:1], None, False)
+        call("lstm_cell_forward", inputs, grads[:1], None, False)
     with pytest.raises(ValueError, match="grads must be 2 tensors"):
-        call("lstm_cell", inputs, [grads[0], grads[1][:, :3]], None, False)
+        call("lstm_cell_forward", inputs, [grads[0], grads[1][:, :3]], None, False)
     with pytest.raises(ValueError, match="grads must be 2 tensors"):
-        call("lstm_cell", inputs, [grads[0], grads[1].float()], None, False)
+        call("lstm_cell_forward", inputs, [grads[0], grads[1].float()], None, False)
 
 
 # ------------------------------------------------------------------------------------ opcheck
@@ -454,6 +455,82 @@ def test_inference_has_no_backward(device, kind):
     assert out.requires_grad
     with pytest.raises(RuntimeError, match=r"derivative for rnn_ext::\w+_cell_inference is not"):
         out.sum().backward()
+
+
+# ------------------------------------------------------------------------ whole-cell ops
+
+def run_cell(kind, args):
+    """The whole-cell op (rnn_cell, lstm_cell, gru_cell: the inference op's arguments) as a
+    tuple: (hy,) or (hy, cy)."""
+    name = "rnn" if kind.startswith("rnn") else kind
+    out = getattr(ops, f"{name}_cell")(*args)
+    return tuple(out) if kind == "lstm" else (out,)
+
+
+def reference_cell(kind, args):
+    if kind == "lstm":
+        x, h, c, *weights = args
+        return tuple(reference.lstm_cell(x, (h, c), *weights))
+    cell = {"rnn_tanh": reference.rnn_tanh_cell, "rnn_relu": reference.rnn_relu_cell,
+            "gru": reference.gru_cell}[kind]
+    return (cell(*(args[:6])),)
+
+
+@BIAS_VARIANTS
+@pytest.mark.parametrize("kind", KINDS)
+def test_whole_cell_gradcheck(device, kind, bias):
+    """The whole-cell ops' one-node backward (both GEMMs' gradients) and double backward."""
+    args = inference_args(kind, 3, 4, device=device, bias=bias, seed=41)
+    for a in tensors(args):
+        a.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda *a: run_cell(kind, a), args)
+    assert torch.autograd.gradgradcheck(lambda *a: run_cell(kind, a), args)
+
+
+@pytest.mark.parametrize("wanted", ["input", "hx", "weights", "biases"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_whole_cell_partial_requires_grad(device, kind, wanted):
+    """Gradients of a subset of the inputs match the reference's, and the others get none."""
+    args = list(inference_args(kind, 5, 6, dtype=torch.float64, device=device, seed=42))
+    lstm = kind == "lstm"
+    positions = {"input": [0], "hx": [1, 2] if lstm else [1],
+                 "weights": [3, 4] if lstm else [2, 3], "biases": [5, 6] if lstm else [4, 5]}
+    for i in positions[wanted]:
+        args[i].requires_grad_(True)
+    leaves = [args[i] for i in positions[wanted]]
+    weights = [torch.randn_like(o) for o in run_cell(kind, args)]
+    got = torch.autograd.grad([(o * w).sum() for o, w in zip(run_cell(kind, args), weights)],
+                              leaves)
+    want = torch.autograd.grad(
+        [(o * w).sum() for o, w in zip(reference_cell(kind, args), weights)], leaves)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_whole_cell_is_one_node_or_the_inference_op(device, kind):
+    """With grad the step is one autograd node over both GEMMs and the fused step; without,
+    the inference op runs (the op is CompositeImplicitAutograd)."""
+    args = inference_args(kind, 3, 4, dtype=torch.float32, device=device, seed=43)
+    args[0].requires_grad_(True)
+    out = run_cell(kind, args)[0]
+    node = {"rnn_tanh": "RnnCell", "rnn_relu": "RnnCell", "lstm": "LstmCell", "gru": "GruCell"}
+    assert out.grad_fn.name().endswith(f"::{node[kind]}>"), out.grad_fn.name()
+    assert [f.name() for f, _ in out.grad_fn.next_functions if f is not None] == [
+        "torch::autograd::AccumulateGrad"]
+    with torch.no_grad(), OpRecorder() as rec:
+        run_cell(kind, args)
+    name = "rnn" if kind.startswith("rnn") else kind
+    assert [f for f, _, _ in rec.calls] == [f"rnn_ext.{name}_cell_inference.default"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_opcheck_whole_cell(device, kind):
+    args = inference_args(kind, 3, 4, device=device, seed=44)
+    opcheck(getattr(ops, ("rnn" if kind.startswith("rnn") else kind) + "_cell"), args)
+    for a in tensors(args):
+        a.requires_grad_(True)
+    opcheck(getattr(ops, ("rnn" if kind.startswith("rnn") else kind) + "_cell"), args)
 
 
 # --------------------------------------------------------------------------- wrong arguments

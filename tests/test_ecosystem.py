@@ -101,9 +101,9 @@ class RecordingBackend:
     """A torch.compile backend that keeps the graphs Dynamo hands it (one per compile; a graph
     break would make two per call), then compiles them with `inner`."""
 
-    def __init__(self, inner: str = "aot_eager"):
+    def __init__(self, inner="aot_eager"):
         from torch._dynamo.backends.registry import lookup_backend
-        self.inner = lookup_backend(inner)
+        self.inner = lookup_backend(inner) if isinstance(inner, str) else inner
         self._seen: list[torch.fx.GraphModule] = []
 
     def __call__(self, gm, example_inputs):
@@ -219,21 +219,34 @@ def test_compile_cells_in_a_python_loop():
                 outputs.append(self.rnn(h))
             return torch.stack(outputs)
 
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    lowered: list[set[str]] = []  # the rnn_ext ops of each graph AOTAutograd compiles
+
+    def record(gm, example_inputs):
+        lowered.append({str(n.target) for n in gm.graph.nodes
+                        if n.op == "call_function" and str(n.target).startswith("rnn_ext.")})
+        return make_boxed_func(gm.forward)
+
     torch.manual_seed(0)
     model = Stack()
-    backend = RecordingBackend()
+    backend = RecordingBackend(aot_autograd(fw_compiler=record, bw_compiler=record))
     x = torch.randn(T, B, I)
     got = forward_backward(torch.compile(model, fullgraph=True, backend=backend), model, x)
     want = forward_backward(model, model, x)
     assert_all_close(got[0] + got[1], want[0] + want[1], 1e-5, "cells")
     assert len(backend.graphs) == 1
-    assert backend.ops() == {"rnn_ext.lstm_cell_forward", "rnn_ext.gru_cell_forward",
-                             "rnn_ext.rnn_cell_forward"}
+    cells = {"rnn_ext.lstm_cell", "rnn_ext.gru_cell", "rnn_ext.rnn_cell"}
+    assert backend.ops() == cells
+    # lowered to the fused forward ops, and a backward graph of the fused backward ops
+    assert lowered == [{f"rnn_ext.{k}_cell_forward.default" for k in ("lstm", "gru", "rnn")},
+                       {f"rnn_ext.{k}_cell_backward.default" for k in ("lstm", "gru", "rnn")}]
     with torch.no_grad():  # a graph of the inference ops, with the same values
         compiled = torch.compile(model, fullgraph=True, backend=backend)
         assert_all_close([compiled(x)], [model(x)], 1e-6, "cells, no_grad")
-    assert backend.ops() == {"rnn_ext.lstm_cell_inference", "rnn_ext.gru_cell_inference",
-                             "rnn_ext.rnn_cell_inference"}
+    assert backend.ops() == cells
+    assert lowered[2:] == [{f"rnn_ext.{k}_cell_inference.default" for k in ("lstm", "gru", "rnn")}]
     torch._dynamo.reset()
 
 
@@ -302,8 +315,7 @@ def test_compile_inductor_forward_backward(dynamo):
             assert_all_close(got[0] + got[1], want[0] + want[1], 1e-5, f"T={steps}")
     assert len(backend.graphs) == 1
     assert {"rnn_ext.lstm_layer_forward", "rnn_ext.gru_layer_forward",
-            "rnn_ext.rnn_layer_forward", "rnn_ext.gru_cell_forward"
-            } <= backend.ops()
+            "rnn_ext.rnn_layer_forward", "rnn_ext.gru_cell"} <= backend.ops()
 
 
 def test_torch_nn_lstm_breaks_the_graph_where_rnn_ext_compiles():

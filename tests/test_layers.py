@@ -937,7 +937,7 @@ def test_differentiable_backward_matches_fused_backward(case, reverse):
     grads = [torch.randn_like(o) for o in outputs]
     fused = dict(zip(present, torch.autograd.grad(outputs, [t[n] for n in present], grads)))
     names = [n for n in NAMES if kind == "lstm" or n not in ("w_hr", "c0")]
-    step = {"tanh": "rnn_tanh_layer", "relu": "rnn_relu_layer"}.get(kind, f"{kind}_layer")
+    step = {"tanh": "rnn_tanh", "relu": "rnn_relu"}.get(kind, kind) + "_layer_forward"
     found = ops.differentiable_backward(step, [t[n] for n in names], grads, batch_sizes, reverse)
     for name, got in zip(names, found, strict=True):
         if t[name] is None:
