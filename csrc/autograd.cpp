@@ -1,5 +1,8 @@
-// Autograd of the forward ops, in C++ so that a training step pays no Python call: a forward op
-// saves what its backward op reads, and backward runs that fused backward op.
+// Autograd of the differentiable ops, in C++ so that a training step pays no Python call: a
+// forward op's node saves what its backward op reads, and backward runs that fused backward op.
+// The whole-cell ops (rnn_cell, lstm_cell, gru_cell) are CompositeImplicitAutograd: one node
+// per step around both GEMMs and the pointwise ops, or the inference op where no gradient is
+// wanted.
 //
 // Under create_graph (double backward) the gradient must itself be differentiable. backward then
 // calls rnn_ext::differentiable_backward, which rnn_ext/_ops.py implements by differentiating the
