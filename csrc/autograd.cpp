@@ -40,6 +40,28 @@ const auto& op(const char* name) {
 
 Tensor or_none(const OptTensor& tensor) { return tensor.value_or(Tensor()); }
 
+// An RNN node's nonlinearity ("tanh" or "relu"), which its backward op and step name need.
+void save_nonlinearity(AutogradContext* ctx, std::string_view nonlinearity) {
+  ctx->saved_data["nonlinearity"] = std::string(nonlinearity);
+}
+
+std::string saved_nonlinearity(AutogradContext* ctx) {
+  return ctx->saved_data["nonlinearity"].toStringRef();
+}
+
+// The RNN cell's pointwise step (below autograd), its nonlinearity saved for the backward.
+Tensor rnn_pointwise_forward(AutogradContext* ctx, const Tensor& xg, const Tensor& hg,
+                             const OptTensor& b_ih, const OptTensor& b_hh,
+                             std::string_view nonlinearity) {
+  save_nonlinearity(ctx, nonlinearity);
+  return op<&rnn_cell_forward>("rnn_cell_forward").call(xg, hg, b_ih, b_hh, nonlinearity);
+}
+
+// The gradient of the RNN cell's gate pre-activations from that of its output hy.
+Tensor rnn_pointwise_backward(AutogradContext* ctx, const Tensor& grad_hy, const Tensor& hy) {
+  return op<&rnn_cell_backward>("rnn_cell_backward").call(grad_hy, hy, saved_nonlinearity(ctx));
+}
+
 // An output's gradient; zeros (of the output's shape `like`) where the loss did not use it
 // (materialised gradients are off: the workspace's would be as large as the gates).
 Tensor or_zeros(const Tensor& grad, const Tensor& like) {
@@ -92,21 +114,18 @@ struct RnnCellForward : Function<RnnCellForward> {
                         const OptTensor& b_ih, const OptTensor& b_hh,
                         std::string_view nonlinearity) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    Tensor hy = op<&rnn_cell_forward>("rnn_cell_forward").call(xg, hg, b_ih, b_hh, nonlinearity);
+    Tensor hy = rnn_pointwise_forward(ctx, xg, hg, b_ih, b_hh, nonlinearity);
     ctx->save_for_backward({xg, hg, or_none(b_ih), or_none(b_hh), hy});
-    ctx->saved_data["nonlinearity"] = std::string(nonlinearity);
     return hy;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
-    const std::string nonlinearity = ctx->saved_data["nonlinearity"].toStringRef();
     if (at::GradMode::is_enabled()) {
-      return graph_gradients("rnn_" + nonlinearity + "_cell_forward",
+      return graph_gradients("rnn_" + saved_nonlinearity(ctx) + "_cell_forward",
                              {saved.begin(), saved.begin() + 4}, grads, 1);
     }
-    const Tensor grad =
-        op<&rnn_cell_backward>("rnn_cell_backward").call(grads[0], saved[4], nonlinearity);
+    const Tensor grad = rnn_pointwise_backward(ctx, grads[0], saved[4]);
     auto [grad_b_ih, grad_b_hh] = bias_grads(grad, saved[2], saved[3]);
     return {grad, grad, grad_b_ih, grad_b_hh, Tensor()};
   }
@@ -215,21 +234,18 @@ struct RnnCell : Function<RnnCell> {
                         const OptTensor& b_hh, std::string_view nonlinearity) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const auto [xg, hg] = projections(input, hx, w_ih, w_hh);
-    Tensor hy = op<&rnn_cell_forward>("rnn_cell_forward").call(xg, hg, b_ih, b_hh, nonlinearity);
+    Tensor hy = rnn_pointwise_forward(ctx, xg, hg, b_ih, b_hh, nonlinearity);
     ctx->save_for_backward({input, hx, w_ih, w_hh, or_none(b_ih), or_none(b_hh), hy});
-    ctx->saved_data["nonlinearity"] = std::string(nonlinearity);
     return hy;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list saved = ctx->get_saved_variables();
-    const std::string nonlinearity = ctx->saved_data["nonlinearity"].toStringRef();
     if (at::GradMode::is_enabled()) {
-      return graph_gradients("rnn_" + nonlinearity + "_cell", {saved.begin(), saved.begin() + 6},
-                             grads, 1);
+      return graph_gradients("rnn_" + saved_nonlinearity(ctx) + "_cell",
+                             {saved.begin(), saved.begin() + 6}, grads, 1);
     }
-    const Tensor grad =
-        op<&rnn_cell_backward>("rnn_cell_backward").call(grads[0], saved[6], nonlinearity);
+    const Tensor grad = rnn_pointwise_backward(ctx, grads[0], saved[6]);
     const auto n = needing_grad(ctx, {saved.begin(), saved.begin() + 6});
     const auto g = projection_grads({n[0], n[1], n[2], n[3], n[4], n[5]}, grad, grad, saved[0],
                                     saved[1], saved[2], saved[3]);
@@ -352,7 +368,7 @@ struct RnnLayerForward : Function<RnnLayerForward> {
     ctx->save_for_backward({xg, w_hh, or_none(b_hh), h0, y});
     ctx->saved_data["batch_sizes"] = batch_sizes;
     ctx->saved_data["reverse"] = reverse;
-    ctx->saved_data["nonlinearity"] = std::string(nonlinearity);
+    save_nonlinearity(ctx, nonlinearity);
     ctx->set_materialize_grads(false);
     return {y, h_n};
   }
@@ -361,7 +377,7 @@ struct RnnLayerForward : Function<RnnLayerForward> {
     const variable_list saved = ctx->get_saved_variables();
     const Tensor batch_sizes = ctx->saved_data["batch_sizes"].toTensor();
     const bool reverse = ctx->saved_data["reverse"].toBool();
-    const std::string nonlinearity = ctx->saved_data["nonlinearity"].toStringRef();
+    const std::string nonlinearity = saved_nonlinearity(ctx);
     const Tensor grad_y = or_zeros(grads[0], saved[4]), grad_h_n = or_zeros(grads[1], saved[3]);
     if (at::GradMode::is_enabled()) {
       return graph_gradients("rnn_" + nonlinearity + "_layer_forward",
