@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -29,13 +30,27 @@ def backend_description(backend: str) -> str:
     return f"rnn_ext ({recurrent_modules(backend).backend()} ops)"
 
 
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """--help shows every option's default, also for options without a help text (argparse's
+    ArgumentDefaultsHelpFormatter shows it only where there is one); a help text that already
+    speaks of the default is left as it is."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.option_strings and action.default is not argparse.SUPPRESS \
+                and "default" not in text:
+            action = copy.copy(action)
+            action.help = f"{text} (default: %(default)s)".strip()
+        return super()._format_action(action)
+
+
 def example_parser(description: str) -> argparse.ArgumentParser:
     """A parser with the flags every example takes: --backend, --device, --seed, --smoke."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, formatter_class=_HelpWithDefaults)
     parser.add_argument("--backend", choices=("rnn_ext", "torch"), default="rnn_ext",
                         help="where the recurrent modules come from")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where to run (cuda when a GPU is available)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true",
                         help="tiny sizes for a quick check (explicit flags still win)")
