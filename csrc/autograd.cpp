@@ -1,20 +1,31 @@
-// Autograd of the differentiable ops, in C++ so that a training step pays no Python call: a
-// forward op's node saves what its backward op reads, and backward runs that fused backward op.
-// The whole-cell ops (rnn_cell, lstm_cell, gru_cell) are CompositeImplicitAutograd: one node
-// per step around both GEMMs and the pointwise ops, or the inference op where no gradient is
-// wanted.
+// Autograd of the differentiable ops, in C++ so that a training step pays no Python call, and
+// the composite ops that choose between them and the inference ops.
+//
+// Nodes: one per whole cell step (RnnCell, LstmCell, GruCell: both GEMMs and the pointwise
+// forward op; backward runs the pointwise backward op and the GEMMs' gradients) and one per
+// recurrence op (RnnRecurrence, ...: backward runs the *_recurrence_backward op). The pointwise
+// and inference ops have no node of their own: nothing differentiates through them directly.
+//
+// One rule decides, in one place (records_graph): the composite ops *_cell and *_layer
+// (CompositeImplicitAutograd) run a node where autograd must record a graph, the inference op
+// otherwise.
 //
 // Under create_graph (double backward) the gradient must itself be differentiable. backward then
 // calls rnn_ext::differentiable_backward, which rnn_ext/_ops.py implements by differentiating the
 // reference formulas, so the math has one copy. Ops are called through the dispatcher, never
 // directly, so that fake tensors (torch.compile) and the CUDA key reach their own kernels.
 // Shapes and saved values as in registration.cpp.
+#include <tuple>
+
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/add.h>
+#include <ATen/ops/linear.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include "checks.h"
+#include "kernels.h"
 #include "ops.h"
 
 namespace rnn_ext {
@@ -40,27 +51,46 @@ const auto& op(const char* name) {
 
 Tensor or_none(const OptTensor& tensor) { return tensor.value_or(Tensor()); }
 
-// An RNN node's nonlinearity ("tanh" or "relu"), which its backward op and step name need.
-void save_nonlinearity(AutogradContext* ctx, std::string_view nonlinearity) {
-  ctx->saved_data["nonlinearity"] = std::string(nonlinearity);
+// ---- what a node keeps for its backward, by name
+
+// A node's saved tensors: a struct that lists its fields once, in fields() (std::tie); save()
+// and load() keep them in that order. Undefined fields are absent optional inputs.
+template <typename Saved>
+void save(AutogradContext* ctx, Saved saved) {
+  std::apply([&](auto&... t) { ctx->save_for_backward({t...}); }, saved.fields());
 }
 
-std::string saved_nonlinearity(AutogradContext* ctx) {
-  return ctx->saved_data["nonlinearity"].toStringRef();
+template <typename Saved>
+Saved load(AutogradContext* ctx) {
+  Saved saved;
+  const variable_list tensors = ctx->get_saved_variables();
+  size_t i = 0;
+  std::apply([&](auto&... t) { ((t = tensors[i++]), ...); }, saved.fields());
+  return saved;
 }
 
-// The RNN cell's pointwise step (below autograd), its nonlinearity saved for the backward.
-Tensor rnn_pointwise_forward(AutogradContext* ctx, const Tensor& xg, const Tensor& hg,
-                             const OptTensor& b_ih, const OptTensor& b_hh,
-                             std::string_view nonlinearity) {
-  save_nonlinearity(ctx, nonlinearity);
-  return op<&rnn_cell_forward>("rnn_cell_forward").call(xg, hg, b_ih, b_hh, nonlinearity);
+// The cell kind of a node (the RNN's nonlinearity is an argument of its ops).
+void save_kind(AutogradContext* ctx, CellKind kind) {
+  ctx->saved_data["kind"] = static_cast<int64_t>(kind);
 }
 
-// The gradient of the RNN cell's gate pre-activations from that of its output hy.
-Tensor rnn_pointwise_backward(AutogradContext* ctx, const Tensor& grad_hy, const Tensor& hy) {
-  return op<&rnn_cell_backward>("rnn_cell_backward").call(grad_hy, hy, saved_nonlinearity(ctx));
+CellKind saved_kind(AutogradContext* ctx) {
+  return static_cast<CellKind>(ctx->saved_data["kind"].toInt());
 }
+
+// The sequence a recurrence node ran over: its batch_sizes and direction.
+struct Sequence {
+  Tensor batch_sizes;
+  bool reverse = false;
+
+  void save(AutogradContext* ctx) const {
+    ctx->saved_data["batch_sizes"] = batch_sizes;
+    ctx->saved_data["reverse"] = reverse;
+  }
+  static Sequence load(AutogradContext* ctx) {
+    return {ctx->saved_data["batch_sizes"].toTensor(), ctx->saved_data["reverse"].toBool()};
+  }
+};
 
 // An output's gradient; zeros (of the output's shape `like`) where the loss did not use it
 // (materialised gradients are off: the workspace's would be as large as the gates).
@@ -68,36 +98,24 @@ Tensor or_zeros(const Tensor& grad, const Tensor& like) {
   return grad.defined() ? grad : at::zeros_like(like);
 }
 
-// The gradients of b_ih and b_hh where both are added to the same gate pre-activations,
-// whose gradient is `grad_gates`: one sum, shared.
-std::pair<Tensor, Tensor> bias_grads(const Tensor& grad_gates, const Tensor& b_ih,
-                                     const Tensor& b_hh) {
-  if (!b_ih.defined() && !b_hh.defined()) return {};
-  const Tensor sum = grad_gates.sum(0);
-  return {b_ih.defined() ? sum : Tensor(), b_hh.defined() ? sum : Tensor()};
-}
-
-Tensor bias_grad(const Tensor& grad_gates, const Tensor& bias) {
-  return bias.defined() ? grad_gates.sum(0) : Tensor();
-}
-
-// The gradients, as a graph, of op `step` ("lstm_cell_forward", "rnn_tanh_layer_forward", ...:
-// see differentiable_backward) w.r.t. its tensor inputs `inputs` (schema order; undefined where
+// The gradients, as a graph, of the op ("cell" or "recurrence") of cell `kind` (see
+// differentiable_backward) w.r.t. its tensor inputs `inputs` (schema order; undefined where
 // absent), followed by `trailing` undefined ones for its other arguments.
-variable_list graph_gradients(const std::string& step, const variable_list& inputs,
+variable_list graph_gradients(const char* op, CellKind kind, const variable_list& inputs,
                               const variable_list& grads, size_t trailing,
-                              const Tensor& batch_sizes = {}, bool reverse = false) {
+                              const Sequence& sequence = {}) {
   static const auto differentiable_backward =
-      find_op<std::vector<Tensor>(std::string_view, const c10::List<std::optional<Tensor>>&,
-                                  at::TensorList, const OptTensor&, bool)>(
-          "rnn_ext::differentiable_backward");
+      find_op<std::vector<Tensor>(std::string_view, std::string_view,
+                                  const c10::List<std::optional<Tensor>>&, at::TensorList,
+                                  const OptTensor&, bool)>("rnn_ext::differentiable_backward");
+  const Tensor& batch_sizes = sequence.batch_sizes;
   c10::List<std::optional<Tensor>> present;
   for (const Tensor& input : inputs) {
     present.push_back(input.defined() ? OptTensor(input) : std::nullopt);
   }
   const std::vector<Tensor> found = differentiable_backward.call(
-      step, present, grads, batch_sizes.defined() ? OptTensor(batch_sizes) : std::nullopt,
-      reverse);
+      op, mode_name(kind), present, grads,
+      batch_sizes.defined() ? OptTensor(batch_sizes) : std::nullopt, sequence.reverse);
   variable_list result;
   for (size_t i = 0; i < inputs.size(); ++i) {
     result.push_back(inputs[i].defined() ? found[i] : Tensor());
@@ -106,85 +124,10 @@ variable_list graph_gradients(const std::string& step, const variable_list& inpu
   return result;
 }
 
+
 // ---------------------------------------------------------------- cells
-// Saved: the forward's tensor inputs, then its workspace (the RNN's: hy).
-
-struct RnnCellForward : Function<RnnCellForward> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& xg, const Tensor& hg,
-                        const OptTensor& b_ih, const OptTensor& b_hh,
-                        std::string_view nonlinearity) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    Tensor hy = rnn_pointwise_forward(ctx, xg, hg, b_ih, b_hh, nonlinearity);
-    ctx->save_for_backward({xg, hg, or_none(b_ih), or_none(b_hh), hy});
-    return hy;
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    if (at::GradMode::is_enabled()) {
-      return graph_gradients("rnn_" + saved_nonlinearity(ctx) + "_cell_forward",
-                             {saved.begin(), saved.begin() + 4}, grads, 1);
-    }
-    const Tensor grad = rnn_pointwise_backward(ctx, grads[0], saved[4]);
-    auto [grad_b_ih, grad_b_hh] = bias_grads(grad, saved[2], saved[3]);
-    return {grad, grad, grad_b_ih, grad_b_hh, Tensor()};
-  }
-};
-
-struct LstmCellForward : Function<LstmCellForward> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& xg, const Tensor& hg,
-                               const OptTensor& b_ih, const OptTensor& b_hh, const Tensor& cx) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [hy, cy, workspace] =
-        op<&lstm_cell_forward>("lstm_cell_forward").call(xg, hg, b_ih, b_hh, cx);
-    ctx->save_for_backward({xg, hg, or_none(b_ih), or_none(b_hh), cx, workspace});
-    ctx->mark_non_differentiable({workspace});
-    ctx->set_materialize_grads(false);
-    return {hy, cy, workspace};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const Tensor grad_hy = or_zeros(grads[0], saved[4]), grad_cy = or_zeros(grads[1], saved[4]);
-    if (at::GradMode::is_enabled()) {
-      return graph_gradients("lstm_cell_forward", {saved.begin(), saved.begin() + 5},
-                             {grad_hy, grad_cy}, 0);
-    }
-    auto [grad_gates, grad_cx] =
-        op<&lstm_cell_backward>("lstm_cell_backward").call(grad_hy, grad_cy, saved[5]);
-    auto [grad_b_ih, grad_b_hh] = bias_grads(grad_gates, saved[2], saved[3]);
-    return {grad_gates, grad_gates, grad_b_ih, grad_b_hh, grad_cx};
-  }
-};
-
-struct GruCellForward : Function<GruCellForward> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& xg, const Tensor& hg,
-                               const OptTensor& b_ih, const OptTensor& b_hh, const Tensor& hx) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [hy, workspace] = op<&gru_cell_forward>("gru_cell_forward").call(xg, hg, b_ih, b_hh, hx);
-    ctx->save_for_backward({xg, hg, or_none(b_ih), or_none(b_hh), hx, workspace});
-    ctx->mark_non_differentiable({workspace});
-    ctx->set_materialize_grads(false);
-    return {hy, workspace};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const Tensor grad_hy = or_zeros(grads[0], saved[4]);
-    if (at::GradMode::is_enabled()) {
-      return graph_gradients("gru_cell_forward", {saved.begin(), saved.begin() + 5}, {grad_hy}, 0);
-    }
-    auto [grad_xg, grad_hg, grad_hx] =
-        op<&gru_cell_backward>("gru_cell_backward").call(grad_hy, saved[5]);
-    return {grad_xg, grad_hg, bias_grad(grad_xg, saved[2]), bias_grad(grad_hg, saved[3]),
-            grad_hx};
-  }
-};
-
-// ---------------------------------------------------------------- whole cells
 // One node for a whole step: xg = input @ w_ihᵀ and hg = hx @ w_hhᵀ, then the pointwise forward
-// op; backward runs the pointwise backward op, then the gradients of the GEMMs. Saved: the
-// op's tensor inputs (schema order), then the pointwise op's workspace (the RNN's: hy).
+// op; backward runs the pointwise backward op, then the gradients of the GEMMs.
 
 // The gate pre-activations' GEMMs: xg = input @ w_ihᵀ [B, G*H] and hg = hx @ w_hhᵀ [B, G*H].
 std::pair<Tensor, Tensor> projections(const Tensor& input, const Tensor& hx, const Tensor& w_ih,
@@ -203,52 +146,79 @@ std::vector<bool> needing_grad(AutogradContext* ctx, const variable_list& inputs
   return needed;
 }
 
+// The inputs and the weights of a cell's two GEMMs, and whether each needs a gradient.
+struct Projection {
+  Tensor input, hx, w_ih, w_hh, b_ih, b_hh;
+  bool wants_input, wants_hx, wants_w_ih, wants_w_hh, wants_b_ih, wants_b_hh;
+};
+
 struct ProjectionGrads {
   Tensor input, hx, w_ih, w_hh, b_ih, b_hh;
 };
 
-// The gradients of input, hx, w_ih, w_hh, b_ih and b_hh from those of xg and hg, where
-// `needed` (in that order). `grad_hx_direct`, where defined, is the part of hx's gradient that
-// does not pass through hg (the GRU's z * dh').
-ProjectionGrads projection_grads(const std::array<bool, 6>& needed, const Tensor& grad_xg,
-                                 const Tensor& grad_hg, const Tensor& input, const Tensor& hx,
-                                 const Tensor& w_ih, const Tensor& w_hh,
-                                 const Tensor& grad_hx_direct = {}) {
+// The gradients of the projection's tensors from those of xg and hg, where wanted.
+// `grad_hx_direct`, where defined, is the part of hx's gradient that does not pass through hg
+// (the GRU's z * dh').
+ProjectionGrads projection_grads(const Projection& p, const Tensor& grad_xg,
+                                 const Tensor& grad_hg, const Tensor& grad_hx_direct = {}) {
   ProjectionGrads g;
-  if (needed[0]) g.input = at::mm(grad_xg, w_ih);
-  if (needed[1]) {
-    g.hx = grad_hx_direct.defined() ? at::addmm(grad_hx_direct, grad_hg, w_hh)
-                                    : at::mm(grad_hg, w_hh);
+  if (p.wants_input) g.input = at::mm(grad_xg, p.w_ih);
+  if (p.wants_hx) {
+    g.hx = grad_hx_direct.defined() ? at::addmm(grad_hx_direct, grad_hg, p.w_hh)
+                                    : at::mm(grad_hg, p.w_hh);
   }
-  if (needed[2]) g.w_ih = at::mm(grad_xg.t(), input);
-  if (needed[3]) g.w_hh = at::mm(grad_hg.t(), hx);
+  if (p.wants_w_ih) g.w_ih = at::mm(grad_xg.t(), p.input);
+  if (p.wants_w_hh) g.w_hh = at::mm(grad_hg.t(), p.hx);
   const bool shared = grad_xg.is_same(grad_hg);  // b_ih and b_hh add to the same gates
-  if (needed[4]) g.b_ih = grad_xg.sum(0);
-  if (needed[5]) g.b_hh = shared && g.b_ih.defined() ? g.b_ih : grad_hg.sum(0);
+  if (p.wants_b_ih) g.b_ih = grad_xg.sum(0);
+  if (p.wants_b_hh) g.b_hh = shared && g.b_ih.defined() ? g.b_ih : grad_hg.sum(0);
   return g;
 }
+
+// Saved: the op's tensor inputs (schema order), then the pointwise op's workspace (the RNN's:
+// hy). The RNN and GRU cells save the same.
+struct SavedCell {
+  Tensor input, hx, w_ih, w_hh, b_ih, b_hh;
+  Tensor workspace;
+  auto fields() { return std::tie(input, hx, w_ih, w_hh, b_ih, b_hh, workspace); }
+  variable_list inputs() const { return {input, hx, w_ih, w_hh, b_ih, b_hh}; }
+  Projection projection(AutogradContext* ctx) const {
+    const std::vector<bool> n = needing_grad(ctx, inputs());
+    return {input, hx, w_ih, w_hh, b_ih, b_hh, n[0], n[1], n[2], n[3], n[4], n[5]};
+  }
+};
+
+struct SavedLstmCell {
+  Tensor input, hx, cx, w_ih, w_hh, b_ih, b_hh;
+  Tensor workspace;
+  auto fields() { return std::tie(input, hx, cx, w_ih, w_hh, b_ih, b_hh, workspace); }
+  variable_list inputs() const { return {input, hx, cx, w_ih, w_hh, b_ih, b_hh}; }
+  Projection projection(AutogradContext* ctx) const {
+    const std::vector<bool> n = needing_grad(ctx, inputs());
+    return {input, hx, w_ih, w_hh, b_ih, b_hh, n[0], n[1], n[3], n[4], n[5], n[6]};
+  }
+};
 
 struct RnnCell : Function<RnnCell> {
   static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& hx,
                         const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
                         const OptTensor& b_hh, std::string_view nonlinearity) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
+    save_kind(ctx, rnn_cell_kind("rnn_ext::rnn_cell", nonlinearity));
     const auto [xg, hg] = projections(input, hx, w_ih, w_hh);
-    Tensor hy = rnn_pointwise_forward(ctx, xg, hg, b_ih, b_hh, nonlinearity);
-    ctx->save_for_backward({input, hx, w_ih, w_hh, or_none(b_ih), or_none(b_hh), hy});
+    Tensor hy = op<&rnn_pointwise_forward>("rnn_pointwise_forward")
+                    .call(xg, hg, b_ih, b_hh, nonlinearity);
+    save(ctx, SavedCell{input, hx, w_ih, w_hh, or_none(b_ih), or_none(b_hh), hy});
     return hy;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    if (at::GradMode::is_enabled()) {
-      return graph_gradients("rnn_" + saved_nonlinearity(ctx) + "_cell",
-                             {saved.begin(), saved.begin() + 6}, grads, 1);
-    }
-    const Tensor grad = rnn_pointwise_backward(ctx, grads[0], saved[6]);
-    const auto n = needing_grad(ctx, {saved.begin(), saved.begin() + 6});
-    const auto g = projection_grads({n[0], n[1], n[2], n[3], n[4], n[5]}, grad, grad, saved[0],
-                                    saved[1], saved[2], saved[3]);
+    const auto s = load<SavedCell>(ctx);
+    const CellKind kind = saved_kind(ctx);
+    if (at::GradMode::is_enabled()) return graph_gradients("cell", kind, s.inputs(), grads, 1);
+    const Tensor grad = op<&rnn_pointwise_backward>("rnn_pointwise_backward")
+                            .call(grads[0], s.workspace, nonlinearity_name(kind));
+    const auto g = projection_grads(s.projection(ctx), grad, grad);
     return {g.input, g.hx, g.w_ih, g.w_hh, g.b_ih, g.b_hh, Tensor()};
   }
 };
@@ -260,24 +230,21 @@ struct LstmCell : Function<LstmCell> {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const auto [xg, hg] = projections(input, hx, w_ih, w_hh);
     auto [hy, cy, workspace] =
-        op<&lstm_cell_forward>("lstm_cell_forward").call(xg, hg, b_ih, b_hh, cx);
-    ctx->save_for_backward({input, hx, cx, w_ih, w_hh, or_none(b_ih), or_none(b_hh), workspace});
+        op<&lstm_pointwise_forward>("lstm_pointwise_forward").call(xg, hg, b_ih, b_hh, cx);
+    save(ctx, SavedLstmCell{input, hx, cx, w_ih, w_hh, or_none(b_ih), or_none(b_hh), workspace});
     ctx->set_materialize_grads(false);
     return {hy, cy};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const Tensor grad_hy = or_zeros(grads[0], saved[2]), grad_cy = or_zeros(grads[1], saved[2]);
+    const auto s = load<SavedLstmCell>(ctx);
+    const Tensor grad_hy = or_zeros(grads[0], s.cx), grad_cy = or_zeros(grads[1], s.cx);
     if (at::GradMode::is_enabled()) {
-      return graph_gradients("lstm_cell", {saved.begin(), saved.begin() + 7}, {grad_hy, grad_cy},
-                             0);
+      return graph_gradients("cell", CellKind::kLstm, s.inputs(), {grad_hy, grad_cy}, 0);
     }
-    auto [grad_gates, grad_cx] =
-        op<&lstm_cell_backward>("lstm_cell_backward").call(grad_hy, grad_cy, saved[7]);
-    const auto n = needing_grad(ctx, {saved.begin(), saved.begin() + 7});
-    const auto g = projection_grads({n[0], n[1], n[3], n[4], n[5], n[6]}, grad_gates, grad_gates,
-                                    saved[0], saved[1], saved[3], saved[4]);
+    auto [grad_gates, grad_cx] = op<&lstm_pointwise_backward>("lstm_pointwise_backward")
+                                     .call(grad_hy, grad_cy, s.workspace);
+    const auto g = projection_grads(s.projection(ctx), grad_gates, grad_gates);
     return {g.input, g.hx, grad_cx, g.w_ih, g.w_hh, g.b_ih, g.b_hh};
   }
 };
@@ -288,26 +255,157 @@ struct GruCell : Function<GruCell> {
                         const OptTensor& b_hh) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     const auto [xg, hg] = projections(input, hx, w_ih, w_hh);
-    auto [hy, workspace] = op<&gru_cell_forward>("gru_cell_forward").call(xg, hg, b_ih, b_hh, hx);
-    ctx->save_for_backward({input, hx, w_ih, w_hh, or_none(b_ih), or_none(b_hh), workspace});
+    auto [hy, workspace] =
+        op<&gru_pointwise_forward>("gru_pointwise_forward").call(xg, hg, b_ih, b_hh, hx);
+    save(ctx, SavedCell{input, hx, w_ih, w_hh, or_none(b_ih), or_none(b_hh), workspace});
     return hy;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
+    const auto s = load<SavedCell>(ctx);
     if (at::GradMode::is_enabled()) {
-      return graph_gradients("gru_cell", {saved.begin(), saved.begin() + 6}, grads, 0);
+      return graph_gradients("cell", CellKind::kGru, s.inputs(), grads, 0);
     }
     auto [grad_xg, grad_hg, grad_hx] =
-        op<&gru_cell_backward>("gru_cell_backward").call(grads[0], saved[6]);
-    const auto n = needing_grad(ctx, {saved.begin(), saved.begin() + 6});
-    const auto g = projection_grads({n[0], n[1], n[2], n[3], n[4], n[5]}, grad_xg, grad_hg,
-                                    saved[0], saved[1], saved[2], saved[3], grad_hx);
+        op<&gru_pointwise_backward>("gru_pointwise_backward").call(grads[0], s.workspace);
+    const auto g = projection_grads(s.projection(ctx), grad_xg, grad_hg, grad_hx);
     return {g.input, g.hx, g.w_ih, g.w_hh, g.b_ih, g.b_hh};
   }
 };
 
-// Whether autograd must record a step on these inputs (undefined ones are absent biases).
+// ---------------------------------------------------------------- recurrences
+// Saved: the op's tensor inputs but batch_sizes (schema order), then y and the workspace (none
+// for the RNN, whose workspace is y); batch_sizes and reverse as a Sequence. The bias gradient
+// comes from the backward op; it is dropped where the layer has no bias.
+
+Tensor if_present(const Tensor& grad, const Tensor& input) {
+  return input.defined() ? grad : Tensor();
+}
+
+struct SavedRecurrence {  // RNN and GRU
+  Tensor xg, w_hh, b_hh, h0;
+  Tensor y, workspace;
+  auto fields() { return std::tie(xg, w_hh, b_hh, h0, y, workspace); }
+  variable_list inputs() const { return {xg, w_hh, b_hh, h0}; }
+};
+
+struct SavedLstmRecurrence {
+  Tensor xg, w_hh, b_hh, w_hr, h0, c0;
+  Tensor y, workspace;
+  auto fields() { return std::tie(xg, w_hh, b_hh, w_hr, h0, c0, y, workspace); }
+  variable_list inputs() const { return {xg, w_hh, b_hh, w_hr, h0, c0}; }
+};
+
+struct RnnRecurrence : Function<RnnRecurrence> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& xg, const Tensor& w_hh,
+                               const OptTensor& b_hh, const Tensor& h0, const Tensor& batch_sizes,
+                               bool reverse, std::string_view nonlinearity) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [y, h_n] = op<&rnn_recurrence>("rnn_recurrence")
+                        .call(xg, w_hh, b_hh, h0, batch_sizes, reverse, nonlinearity);
+    save(ctx, SavedRecurrence{xg, w_hh, or_none(b_hh), h0, y, Tensor()});
+    Sequence{batch_sizes, reverse}.save(ctx);
+    save_kind(ctx, rnn_cell_kind("rnn_ext::rnn_recurrence", nonlinearity));
+    ctx->set_materialize_grads(false);
+    return {y, h_n};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = load<SavedRecurrence>(ctx);
+    const Sequence sequence = Sequence::load(ctx);
+    const CellKind kind = saved_kind(ctx);
+    const Tensor grad_y = or_zeros(grads[0], s.y), grad_h_n = or_zeros(grads[1], s.h0);
+    if (at::GradMode::is_enabled()) {
+      return graph_gradients("recurrence", kind, s.inputs(), {grad_y, grad_h_n}, 3, sequence);
+    }
+    auto [g_xg, g_w_hh, g_b_hh, g_h0] =
+        op<&rnn_recurrence_backward>("rnn_recurrence_backward")
+            .call(grad_y, grad_h_n, s.w_hh, s.h0, s.y, sequence.batch_sizes, sequence.reverse,
+                  nonlinearity_name(kind));
+    return {g_xg, g_w_hh, if_present(g_b_hh, s.b_hh), g_h0, Tensor(), Tensor(), Tensor()};
+  }
+};
+
+struct LstmRecurrence : Function<LstmRecurrence> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& xg, const Tensor& w_hh,
+                               const OptTensor& b_hh, const OptTensor& w_hr, const Tensor& h0,
+                               const Tensor& c0, const Tensor& batch_sizes, bool reverse,
+                               bool save_workspace) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [y, h_n, c_n, workspace] =
+        op<&lstm_recurrence>("lstm_recurrence")
+            .call(xg, w_hh, b_hh, w_hr, h0, c0, batch_sizes, reverse, save_workspace);
+    save(ctx,
+         SavedLstmRecurrence{xg, w_hh, or_none(b_hh), or_none(w_hr), h0, c0, y, workspace});
+    Sequence{batch_sizes, reverse}.save(ctx);
+    ctx->mark_non_differentiable({workspace});
+    ctx->set_materialize_grads(false);
+    return {y, h_n, c_n, workspace};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = load<SavedLstmRecurrence>(ctx);
+    const Sequence sequence = Sequence::load(ctx);
+    const Tensor grad_y = or_zeros(grads[0], s.y), grad_h_n = or_zeros(grads[1], s.h0),
+                 grad_c_n = or_zeros(grads[2], s.c0);
+    if (at::GradMode::is_enabled()) {
+      return graph_gradients("recurrence", CellKind::kLstm, s.inputs(),
+                             {grad_y, grad_h_n, grad_c_n}, 3, sequence);
+    }
+    auto [g_xg, g_w_hh, g_b_hh, g_h0, g_c0, g_w_hr] =
+        op<&lstm_recurrence_backward>("lstm_recurrence_backward")
+            .call(grad_y, grad_h_n, grad_c_n, s.w_hh, s.w_hr, s.h0, s.y, s.workspace,
+                  sequence.batch_sizes, sequence.reverse);
+    return {g_xg, g_w_hh, if_present(g_b_hh, s.b_hh), if_present(g_w_hr, s.w_hr),
+            g_h0, g_c0, Tensor(), Tensor(), Tensor()};
+  }
+};
+
+struct GruRecurrence : Function<GruRecurrence> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& xg, const Tensor& w_hh,
+                               const OptTensor& b_hh, const Tensor& h0, const Tensor& batch_sizes,
+                               bool reverse, bool save_workspace) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [y, h_n, workspace] = op<&gru_recurrence>("gru_recurrence")
+                                   .call(xg, w_hh, b_hh, h0, batch_sizes, reverse, save_workspace);
+    save(ctx, SavedRecurrence{xg, w_hh, or_none(b_hh), h0, y, workspace});
+    Sequence{batch_sizes, reverse}.save(ctx);
+    ctx->mark_non_differentiable({workspace});
+    ctx->set_materialize_grads(false);
+    return {y, h_n, workspace};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = load<SavedRecurrence>(ctx);
+    const Sequence sequence = Sequence::load(ctx);
+    const Tensor grad_y = or_zeros(grads[0], s.y), grad_h_n = or_zeros(grads[1], s.h0);
+    if (at::GradMode::is_enabled()) {
+      return graph_gradients("recurrence", CellKind::kGru, s.inputs(), {grad_y, grad_h_n}, 3,
+                             sequence);
+    }
+    auto [g_xg, g_w_hh, g_b_hh, g_h0] =
+        op<&gru_recurrence_backward>("gru_recurrence_backward")
+            .call(grad_y, grad_h_n, s.w_hh, s.h0, s.y, s.workspace, sequence.batch_sizes,
+                  sequence.reverse);
+    return {g_xg, g_w_hh, if_present(g_b_hh, s.b_hh), g_h0, Tensor(), Tensor(), Tensor()};
+  }
+};
+
+template <size_t... I>
+auto tuple_of(const variable_list& outputs, std::index_sequence<I...>) {
+  return std::make_tuple(outputs[I]...);
+}
+
+// A Function's outputs as the op's tuple of N tensors.
+template <size_t N>
+auto as_tuple(const variable_list& outputs) {
+  return tuple_of(outputs, std::make_index_sequence<N>{});
+}
+
+// ---------------------------------------------------------------- composite ops
+
+// The one rule: whether autograd must record a step on these inputs (undefined ones are absent
+// optional inputs). Where it must, the composite ops run a node; otherwise the inference op.
 bool records_graph(std::initializer_list<Tensor> inputs) {
   if (!at::GradMode::is_enabled()) return false;
   for (const Tensor& t : inputs) {
@@ -316,8 +414,7 @@ bool records_graph(std::initializer_list<Tensor> inputs) {
   return false;
 }
 
-// The whole-cell ops (CompositeImplicitAutograd): the node above where a gradient is wanted,
-// the inference op otherwise. The grad path checks what its GEMMs would not.
+// The grad path checks what its GEMMs would not.
 Tensor rnn_cell(const Tensor& input, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
                 const OptTensor& b_ih, const OptTensor& b_hh, std::string_view nonlinearity) {
   if (!records_graph({input, hx, w_ih, w_hh, or_none(b_ih), or_none(b_hh)})) {
@@ -336,8 +433,7 @@ std::tuple<Tensor, Tensor> lstm_cell(const Tensor& input, const Tensor& hx, cons
         .call(input, hx, cx, w_ih, w_hh, b_ih, b_hh);
   }
   check_cell_step("rnn_ext::lstm_cell", 4, input, hx, w_ih, w_hh);
-  const variable_list out = LstmCell::apply(input, hx, cx, w_ih, w_hh, b_ih, b_hh);
-  return {out[0], out[1]};
+  return as_tuple<2>(LstmCell::apply(input, hx, cx, w_ih, w_hh, b_ih, b_hh));
 }
 
 Tensor gru_cell(const Tensor& input, const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh,
@@ -349,122 +445,74 @@ Tensor gru_cell(const Tensor& input, const Tensor& hx, const Tensor& w_ih, const
   return GruCell::apply(input, hx, w_ih, w_hh, b_ih, b_hh);
 }
 
-// ---------------------------------------------------------------- layers
-// Saved: the forward's tensor inputs but batch_sizes, then y and the workspace (none for the
-// RNN, whose workspace is y). The layer's bias gradient comes from the backward op; it is
-// dropped where the layer has no bias.
-
-Tensor if_present(const Tensor& grad, const Tensor& input) {
-  return input.defined() ? grad : Tensor();
+// The biases as the layer's ops take them: (the input side's, the hidden side's). The RNN and
+// the LSTM add b_ih and b_hh to the same pre-activations, so they are summed once here and
+// added by the fused step, which reads a bias anyway (a GEMM with a bias first copies it into
+// all N rows of its output). The GRU's b_hn sits inside r * (...), apart from b_in. Both are
+// checked against w_hh [G*H, P] first: their sum would broadcast.
+std::pair<OptTensor, OptTensor> layer_biases(const char* op, CellKind kind, const Tensor& w_hh,
+                                             const OptTensor& b_ih, const OptTensor& b_hh) {
+  if (kind == CellKind::kGru || !or_none(b_ih).defined()) return {b_ih, b_hh};
+  if (!or_none(b_hh).defined()) return {std::nullopt, b_ih};
+  if (w_hh.dim() == 2) {  // else the op raises on w_hh
+    const ArgChecker check(op, w_hh);
+    check(b_ih, "b_ih", {w_hh.size(0)});
+    check(b_hh, "b_hh", {w_hh.size(0)});
+  }
+  return {std::nullopt, at::add(*b_ih, *b_hh)};
 }
 
-struct RnnLayerForward : Function<RnnLayerForward> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& xg, const Tensor& w_hh,
-                               const OptTensor& b_hh, const Tensor& h0, const Tensor& batch_sizes,
-                               bool reverse, std::string_view nonlinearity) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [y, h_n] = op<&rnn_layer_forward>("rnn_layer_forward")
-                        .call(xg, w_hh, b_hh, h0, batch_sizes, reverse, nonlinearity);
-    ctx->save_for_backward({xg, w_hh, or_none(b_hh), h0, y});
-    ctx->saved_data["batch_sizes"] = batch_sizes;
-    ctx->saved_data["reverse"] = reverse;
-    save_nonlinearity(ctx, nonlinearity);
-    ctx->set_materialize_grads(false);
-    return {y, h_n};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const Tensor batch_sizes = ctx->saved_data["batch_sizes"].toTensor();
-    const bool reverse = ctx->saved_data["reverse"].toBool();
-    const std::string nonlinearity = saved_nonlinearity(ctx);
-    const Tensor grad_y = or_zeros(grads[0], saved[4]), grad_h_n = or_zeros(grads[1], saved[3]);
-    if (at::GradMode::is_enabled()) {
-      return graph_gradients("rnn_" + nonlinearity + "_layer_forward",
-                             {saved.begin(), saved.begin() + 4}, {grad_y, grad_h_n}, 3,
-                             batch_sizes, reverse);
-    }
-    auto [g_xg, g_w_hh, g_b_hh, g_h0] = op<&rnn_layer_backward>("rnn_layer_backward").call(
-        grad_y, grad_h_n, saved[1], saved[3], saved[4], batch_sizes, reverse, nonlinearity);
-    return {g_xg, g_w_hh, if_present(g_b_hh, saved[2]), g_h0, Tensor(), Tensor(), Tensor()};
-  }
-};
-
-struct LstmLayerForward : Function<LstmLayerForward> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& xg, const Tensor& w_hh,
-                               const OptTensor& b_hh, const OptTensor& w_hr, const Tensor& h0,
-                               const Tensor& c0, const Tensor& batch_sizes, bool reverse,
-                               bool save_workspace) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [y, h_n, c_n, workspace] =
-        op<&lstm_layer_forward>("lstm_layer_forward")
-            .call(xg, w_hh, b_hh, w_hr, h0, c0, batch_sizes, reverse, save_workspace);
-    ctx->save_for_backward({xg, w_hh, or_none(b_hh), or_none(w_hr), h0, c0, y, workspace});
-    ctx->saved_data["batch_sizes"] = batch_sizes;
-    ctx->saved_data["reverse"] = reverse;
-    ctx->mark_non_differentiable({workspace});
-    ctx->set_materialize_grads(false);
-    return {y, h_n, c_n, workspace};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const Tensor batch_sizes = ctx->saved_data["batch_sizes"].toTensor();
-    const bool reverse = ctx->saved_data["reverse"].toBool();
-    const Tensor grad_y = or_zeros(grads[0], saved[6]), grad_h_n = or_zeros(grads[1], saved[4]),
-                 grad_c_n = or_zeros(grads[2], saved[5]);
-    if (at::GradMode::is_enabled()) {
-      return graph_gradients("lstm_layer_forward", {saved.begin(), saved.begin() + 6},
-                             {grad_y, grad_h_n, grad_c_n}, 3, batch_sizes, reverse);
-    }
-    auto [g_xg, g_w_hh, g_b_hh, g_h0, g_c0, g_w_hr] =
-        op<&lstm_layer_backward>("lstm_layer_backward")
-            .call(grad_y, grad_h_n, grad_c_n, saved[1], saved[3], saved[4], saved[6], saved[7],
-                  batch_sizes, reverse);
-    return {g_xg, g_w_hh, if_present(g_b_hh, saved[2]), if_present(g_w_hr, saved[3]),
-            g_h0, g_c0, Tensor(), Tensor(), Tensor()};
-  }
-};
-
-struct GruLayerForward : Function<GruLayerForward> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& xg, const Tensor& w_hh,
-                               const OptTensor& b_hh, const Tensor& h0, const Tensor& batch_sizes,
-                               bool reverse, bool save_workspace) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [y, h_n, workspace] = op<&gru_layer_forward>("gru_layer_forward")
-                                   .call(xg, w_hh, b_hh, h0, batch_sizes, reverse, save_workspace);
-    ctx->save_for_backward({xg, w_hh, or_none(b_hh), h0, y, workspace});
-    ctx->saved_data["batch_sizes"] = batch_sizes;
-    ctx->saved_data["reverse"] = reverse;
-    ctx->mark_non_differentiable({workspace});
-    ctx->set_materialize_grads(false);
-    return {y, h_n, workspace};
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const Tensor batch_sizes = ctx->saved_data["batch_sizes"].toTensor();
-    const bool reverse = ctx->saved_data["reverse"].toBool();
-    const Tensor grad_y = or_zeros(grads[0], saved[4]), grad_h_n = or_zeros(grads[1], saved[3]);
-    if (at::GradMode::is_enabled()) {
-      return graph_gradients("gru_layer_forward", {saved.begin(), saved.begin() + 4},
-                             {grad_y, grad_h_n}, 3, batch_sizes, reverse);
-    }
-    auto [g_xg, g_w_hh, g_b_hh, g_h0] = op<&gru_layer_backward>("gru_layer_backward").call(
-        grad_y, grad_h_n, saved[1], saved[3], saved[4], saved[5], batch_sizes, reverse);
-    return {g_xg, g_w_hh, if_present(g_b_hh, saved[2]), g_h0, Tensor(), Tensor(), Tensor()};
-  }
-};
-
-template <size_t... I>
-auto tuple_of(const variable_list& outputs, std::index_sequence<I...>) {
-  return std::make_tuple(outputs[I]...);
+// The input side's gate pre-activations of a layer that records a graph: xg = x @ w_ihᵀ + b_ih.
+Tensor input_gates(const Tensor& x, const Tensor& w_ih, const OptTensor& b_ih) {
+  return at::linear(x, w_ih, b_ih);
 }
 
-// A Function's outputs as the op's tuple of N tensors.
-template <size_t N>
-auto as_tuple(const variable_list& outputs) {
-  return tuple_of(outputs, std::make_index_sequence<N>{});
+std::tuple<Tensor, Tensor> rnn_layer(const Tensor& x, const Tensor& w_ih, const OptTensor& b_ih,
+                                     const Tensor& w_hh, const OptTensor& b_hh, const Tensor& h0,
+                                     const Tensor& batch_sizes, bool reverse,
+                                     std::string_view nonlinearity) {
+  const bool grad = records_graph({x, w_ih, or_none(b_ih), w_hh, or_none(b_hh), h0});
+  const char* name = "rnn_ext::rnn_layer";
+  const auto [bias_ih, bias_hh] =
+      layer_biases(name, rnn_cell_kind(name, nonlinearity), w_hh, b_ih, b_hh);
+  if (!grad) {
+    return op<&rnn_layer_inference>("rnn_layer_inference")
+        .call(x, w_ih, bias_ih, w_hh, bias_hh, h0, batch_sizes, reverse, nonlinearity);
+  }
+  return as_tuple<2>(RnnRecurrence::apply(input_gates(x, w_ih, bias_ih), w_hh, bias_hh, h0,
+                                          batch_sizes, reverse, nonlinearity));
+}
+
+std::tuple<Tensor, Tensor, Tensor> lstm_layer(const Tensor& x, const Tensor& w_ih,
+                                              const OptTensor& b_ih, const Tensor& w_hh,
+                                              const OptTensor& b_hh, const OptTensor& w_hr,
+                                              const Tensor& h0, const Tensor& c0,
+                                              const Tensor& batch_sizes, bool reverse) {
+  const bool grad =
+      records_graph({x, w_ih, or_none(b_ih), w_hh, or_none(b_hh), or_none(w_hr), h0, c0});
+  const auto [bias_ih, bias_hh] =
+      layer_biases("rnn_ext::lstm_layer", CellKind::kLstm, w_hh, b_ih, b_hh);
+  if (!grad) {
+    return op<&lstm_layer_inference>("lstm_layer_inference")
+        .call(x, w_ih, bias_ih, w_hh, bias_hh, w_hr, h0, c0, batch_sizes, reverse);
+  }
+  return as_tuple<3>(LstmRecurrence::apply(input_gates(x, w_ih, bias_ih), w_hh, bias_hh, w_hr,
+                                           h0, c0, batch_sizes, reverse,
+                                           /*save_workspace=*/true));
+}
+
+std::tuple<Tensor, Tensor> gru_layer(const Tensor& x, const Tensor& w_ih, const OptTensor& b_ih,
+                                     const Tensor& w_hh, const OptTensor& b_hh, const Tensor& h0,
+                                     const Tensor& batch_sizes, bool reverse) {
+  const bool grad = records_graph({x, w_ih, or_none(b_ih), w_hh, or_none(b_hh), h0});
+  const auto [bias_ih, bias_hh] =
+      layer_biases("rnn_ext::gru_layer", CellKind::kGru, w_hh, b_ih, b_hh);
+  if (!grad) {
+    return op<&gru_layer_inference>("gru_layer_inference")
+        .call(x, w_ih, bias_ih, w_hh, bias_hh, h0, batch_sizes, reverse);
+  }
+  return as_tuple<2>(GruRecurrence::apply(input_gates(x, w_ih, bias_ih), w_hh, bias_hh, h0,
+                                          batch_sizes, reverse, /*save_workspace=*/true));
 }
 
 }  // namespace
@@ -473,44 +521,38 @@ TORCH_LIBRARY_IMPL(rnn_ext, CompositeImplicitAutograd, m) {
   m.impl("rnn_cell", &rnn_cell);
   m.impl("lstm_cell", &lstm_cell);
   m.impl("gru_cell", &gru_cell);
+  m.impl("rnn_layer", &rnn_layer);
+  m.impl("lstm_layer", &lstm_layer);
+  m.impl("gru_layer", &gru_layer);
 }
 
 TORCH_LIBRARY_IMPL(rnn_ext, Autograd, m) {
-  // The inference ops have no backward: on inputs that require grad their outputs get a node
-  // that raises when reached ("derivative ... is not implemented").
-  for (const char* name : {"rnn_cell_inference", "lstm_cell_inference", "gru_cell_inference",
-                           "rnn_layer_inference", "lstm_layer_inference", "gru_layer_inference"}) {
+  // The forward ops without a node of their own: on inputs that require grad their outputs get
+  // a node that raises when reached ("derivative ... is not implemented"). The nodes call them
+  // below autograd.
+  for (const char* name :
+       {"rnn_pointwise_forward", "lstm_pointwise_forward", "gru_pointwise_forward",
+        "rnn_cell_inference", "lstm_cell_inference", "gru_cell_inference",
+        "rnn_layer_inference", "lstm_layer_inference", "gru_layer_inference"}) {
     m.impl(name, torch::autograd::autogradNotImplementedFallback());
   }
-  m.impl("rnn_cell_forward", [](const Tensor& xg, const Tensor& hg, const OptTensor& b_ih,
-                                const OptTensor& b_hh, std::string_view nonlinearity) {
-    return RnnCellForward::apply(xg, hg, b_ih, b_hh, nonlinearity);
-  });
-  m.impl("lstm_cell_forward", [](const Tensor& xg, const Tensor& hg, const OptTensor& b_ih,
-                                 const OptTensor& b_hh, const Tensor& cx) {
-    return as_tuple<3>(LstmCellForward::apply(xg, hg, b_ih, b_hh, cx));
-  });
-  m.impl("gru_cell_forward", [](const Tensor& xg, const Tensor& hg, const OptTensor& b_ih,
-                                const OptTensor& b_hh, const Tensor& hx) {
-    return as_tuple<2>(GruCellForward::apply(xg, hg, b_ih, b_hh, hx));
-  });
-  m.impl("rnn_layer_forward", [](const Tensor& xg, const Tensor& w_hh, const OptTensor& b_hh,
-                                 const Tensor& h0, const Tensor& batch_sizes, bool reverse,
-                                 std::string_view nonlinearity) {
+  m.impl("rnn_recurrence", [](const Tensor& xg, const Tensor& w_hh, const OptTensor& b_hh,
+                              const Tensor& h0, const Tensor& batch_sizes, bool reverse,
+                              std::string_view nonlinearity) {
     return as_tuple<2>(
-        RnnLayerForward::apply(xg, w_hh, b_hh, h0, batch_sizes, reverse, nonlinearity));
+        RnnRecurrence::apply(xg, w_hh, b_hh, h0, batch_sizes, reverse, nonlinearity));
   });
-  m.impl("lstm_layer_forward", [](const Tensor& xg, const Tensor& w_hh, const OptTensor& b_hh,
-                                  const OptTensor& w_hr, const Tensor& h0, const Tensor& c0,
-                                  const Tensor& batch_sizes, bool reverse, bool save_workspace) {
-    return as_tuple<4>(LstmLayerForward::apply(xg, w_hh, b_hh, w_hr, h0, c0, batch_sizes,
-                                               reverse, save_workspace));
+  m.impl("lstm_recurrence", [](const Tensor& xg, const Tensor& w_hh, const OptTensor& b_hh,
+                               const OptTensor& w_hr, const Tensor& h0, const Tensor& c0,
+                               const Tensor& batch_sizes, bool reverse, bool save_workspace) {
+    return as_tuple<4>(LstmRecurrence::apply(xg, w_hh, b_hh, w_hr, h0, c0, batch_sizes,
+                                             reverse, save_workspace));
   });
-  m.impl("gru_layer_forward", [](const Tensor& xg, const Tensor& w_hh, const OptTensor& b_hh,
-                                 const Tensor& h0, const Tensor& batch_sizes, bool reverse,
-                                 bool save_workspace) {
+  m.impl("gru_recurrence", [](const Tensor& xg, const Tensor& w_hh, const OptTensor& b_hh,
+                              const Tensor& h0, const Tensor& batch_sizes, bool reverse,
+                              bool save_workspace) {
     return as_tuple<3>(
-        GruLayerForward::apply(xg, w_hh, b_hh, h0, batch_sizes, reverse, save_workspace));
+        GruRecurrence::apply(xg, w_hh, b_hh, h0, batch_sizes, reverse, save_workspace));
   });
 }
 

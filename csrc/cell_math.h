@@ -198,17 +198,17 @@ struct GruCellMath {
 // scalar_t = void gives the type-erased form that device-agnostic code passes around.
 template <typename scalar_t>
 struct ForwardPointers {
-  const scalar_t* xg;      // [B, G*H] input-side pre-activations
-  const scalar_t* hg;      // [B, G*H] hidden-side pre-activations
-  const scalar_t* b_ih;    // [G*H] or null
-  const scalar_t* b_hh;    // [G*H] or null
-  const scalar_t* h_prev;  // [B, H] or null (read by the GRU only)
-  const scalar_t* c_prev;  // [B, H] or null (read by the LSTM only)
-  scalar_t* h_new;         // [B, H]
-  scalar_t* c_new;         // [B, H] or null (LSTM only)
-  scalar_t* saved;         // [B, S*H] or null (inference)
-  int64_t rows;            // B
-  int64_t hidden;          // H
+  const scalar_t* xg = nullptr;      // [B, G*H] input-side pre-activations
+  const scalar_t* hg = nullptr;      // [B, G*H] hidden-side pre-activations
+  const scalar_t* b_ih = nullptr;    // [G*H] or null
+  const scalar_t* b_hh = nullptr;    // [G*H] or null
+  const scalar_t* h_prev = nullptr;  // [B, H] or null (read by the GRU only)
+  const scalar_t* c_prev = nullptr;  // [B, H] or null (read by the LSTM only)
+  scalar_t* h_new = nullptr;         // [B, H]
+  scalar_t* c_new = nullptr;         // [B, H] or null (LSTM only)
+  scalar_t* saved = nullptr;         // [B, S*H] or null (inference)
+  int64_t rows = 0;                  // B
+  int64_t hidden = 0;                // H
   // hg's layout: element (b, g, j) at hg[b * hg_row + g * hg_gate + j]. 0 means the standard
   // [B, G*H] (G*H, H); the CPU's fused step passes its per-thread blocked layout.
   int64_t hg_row = 0, hg_gate = 0;
@@ -216,16 +216,18 @@ struct ForwardPointers {
 
 template <typename scalar_t>
 struct BackwardPointers {
-  const scalar_t* grad_h_new;  // [B, H]
-  const scalar_t* grad_h_add;  // [B, H] or null: a second gradient of h_new, added to the first
-  const scalar_t* grad_c_new;  // [B, H] or null (LSTM only)
-  const scalar_t* saved;       // [B, S*H]
-  scalar_t* grad_xg;           // [B, G*H]
-  scalar_t* grad_hg;           // [B, G*H] or null (GRU only)
-  scalar_t* grad_h_prev;       // [B, H] or null (GRU only: h_prev's direct path into h_new)
-  scalar_t* grad_c_prev;       // [B, H] or null (LSTM only)
-  int64_t rows;                // B
-  int64_t hidden;              // H
+  const scalar_t* grad_h_new = nullptr;  // [B, H]
+  // [B, H] or null: a second gradient of h_new, added to the first
+  const scalar_t* grad_h_add = nullptr;
+  const scalar_t* grad_c_new = nullptr;  // [B, H] or null (LSTM only)
+  const scalar_t* saved = nullptr;       // [B, S*H]
+  scalar_t* grad_xg = nullptr;           // [B, G*H]
+  scalar_t* grad_hg = nullptr;           // [B, G*H] or null (GRU only)
+  // [B, H] or null (GRU only: h_prev's direct path into h_new)
+  scalar_t* grad_h_prev = nullptr;
+  scalar_t* grad_c_prev = nullptr;       // [B, H] or null (LSTM only)
+  int64_t rows = 0;                      // B
+  int64_t hidden = 0;                    // H
 };
 
 // Which optional forward arguments are present: known at compile time (the CPU instantiates

@@ -1,4 +1,5 @@
-// Cell ops: check the arguments, allocate the outputs, run the device's pointwise kernel.
+// Pointwise and cell inference ops: check the arguments, allocate the outputs, run the device's
+// kernels.
 #include <ATen/ops/empty.h>
 #include <c10/core/DeviceGuard.h>
 
@@ -44,13 +45,21 @@ CellForward run_cell_forward(const char* op, CellKind kind, const Tensor& xg, co
   t.h_new = at::empty({B, H}, xg.options());
   if (kind == CellKind::kLstm) t.c_new = at::empty({B, H}, xg.options());
   // The RNN cell's workspace is its output h_new, so it saves nothing of its own.
-  if (save && (kind == CellKind::kLstm || kind == CellKind::kGru)) {
+  if (save && has_workspace(kind)) {
     t.saved = at::empty({B, saved_per_unit(kind) * H}, xg.options());
   }
-  const ForwardPointers<void> p{row_pointer(t.xg),     row_pointer(t.hg),    row_pointer(t.b_ih),
-                                row_pointer(t.b_hh),   row_pointer(t.h_prev), row_pointer(t.c_prev),
-                                row_pointer(t.h_new),  row_pointer(t.c_new), row_pointer(t.saved),
-                                B,                     H};
+  ForwardPointers<void> p;
+  p.xg = row_pointer(t.xg);
+  p.hg = row_pointer(t.hg);
+  p.b_ih = row_pointer(t.b_ih);
+  p.b_hh = row_pointer(t.b_hh);
+  p.h_prev = row_pointer(t.h_prev);
+  p.c_prev = row_pointer(t.c_prev);
+  p.h_new = row_pointer(t.h_new);
+  p.c_new = row_pointer(t.c_new);
+  p.saved = row_pointer(t.saved);
+  p.rows = B;
+  p.hidden = H;
   kernels.forward(kind, data_type_of(xg), p);
   return t;
 }
@@ -87,7 +96,7 @@ CellBackward run_cell_backward(const char* op, CellKind kind, const Tensor& grad
   check(grad_h_new, "grad_hy", {-1, -1});
   const int64_t B = grad_h_new.size(0), H = grad_h_new.size(1);
   const int64_t G = gates_per_unit(kind);
-  check(saved, kind == CellKind::kRnnTanh || kind == CellKind::kRnnRelu ? "hy" : "workspace",
+  check(saved, has_workspace(kind) ? "workspace" : "hy",
         {B, saved_per_unit(kind) * H});
   if (kind == CellKind::kLstm) check(grad_c_new, "grad_cy", {B, H});
   const c10::DeviceGuard guard(grad_h_new.device());
@@ -103,54 +112,62 @@ CellBackward run_cell_backward(const char* op, CellKind kind, const Tensor& grad
     t.grad_h_prev = at::empty({B, H}, grad_h_new.options());
   }
   if (kind == CellKind::kLstm) t.grad_c_prev = at::empty({B, H}, grad_h_new.options());
-  const BackwardPointers<void> p{row_pointer(t.grad_h_new), nullptr,
-                                 row_pointer(t.grad_c_new), row_pointer(t.saved),
-                                 row_pointer(t.grad_xg),    row_pointer(t.grad_hg),
-                                 row_pointer(t.grad_h_prev), row_pointer(t.grad_c_prev),
-                                 B,                          H};
+  BackwardPointers<void> p;
+  p.grad_h_new = row_pointer(t.grad_h_new);
+  p.grad_c_new = row_pointer(t.grad_c_new);
+  p.saved = row_pointer(t.saved);
+  p.grad_xg = row_pointer(t.grad_xg);
+  p.grad_hg = row_pointer(t.grad_hg);
+  p.grad_h_prev = row_pointer(t.grad_h_prev);
+  p.grad_c_prev = row_pointer(t.grad_c_prev);
+  p.rows = B;
+  p.hidden = H;
   kernels.backward(kind, data_type_of(grad_h_new), p);
   return t;
 }
 
 }  // namespace
 
-Tensor rnn_cell_forward(const Tensor& xg, const Tensor& hg, const OptTensor& b_ih,
-                        const OptTensor& b_hh, std::string_view nonlinearity) {
-  const char* op = "rnn_ext::rnn_cell_forward";
+Tensor rnn_pointwise_forward(const Tensor& xg, const Tensor& hg, const OptTensor& b_ih,
+                             const OptTensor& b_hh, std::string_view nonlinearity) {
+  const char* op = "rnn_ext::rnn_pointwise_forward";
   return run_cell_forward(op, rnn_cell_kind(op, nonlinearity), xg, hg, b_ih, b_hh, {}, {}).h_new;
 }
 
-Tensor rnn_cell_backward(const Tensor& grad_hy, const Tensor& hy, std::string_view nonlinearity) {
-  const char* op = "rnn_ext::rnn_cell_backward";
+Tensor rnn_pointwise_backward(const Tensor& grad_hy, const Tensor& hy,
+                              std::string_view nonlinearity) {
+  const char* op = "rnn_ext::rnn_pointwise_backward";
   return run_cell_backward(op, rnn_cell_kind(op, nonlinearity), grad_hy, {}, hy).grad_xg;
 }
 
-std::tuple<Tensor, Tensor, Tensor> lstm_cell_forward(const Tensor& xg, const Tensor& hg,
-                                                     const OptTensor& b_ih, const OptTensor& b_hh,
-                                                     const Tensor& cx) {
-  auto a = run_cell_forward("rnn_ext::lstm_cell_forward", CellKind::kLstm, xg, hg, b_ih, b_hh,
-                            {}, cx);
+std::tuple<Tensor, Tensor, Tensor> lstm_pointwise_forward(const Tensor& xg, const Tensor& hg,
+                                                          const OptTensor& b_ih,
+                                                          const OptTensor& b_hh,
+                                                          const Tensor& cx) {
+  auto a = run_cell_forward("rnn_ext::lstm_pointwise_forward", CellKind::kLstm, xg, hg, b_ih,
+                            b_hh, {}, cx);
   return {a.h_new, a.c_new, a.saved};
 }
 
-std::tuple<Tensor, Tensor> lstm_cell_backward(const Tensor& grad_hy, const Tensor& grad_cy,
-                                              const Tensor& workspace) {
-  auto a = run_cell_backward("rnn_ext::lstm_cell_backward", CellKind::kLstm, grad_hy, grad_cy,
-                             workspace);
+std::tuple<Tensor, Tensor> lstm_pointwise_backward(const Tensor& grad_hy, const Tensor& grad_cy,
+                                                   const Tensor& workspace) {
+  auto a = run_cell_backward("rnn_ext::lstm_pointwise_backward", CellKind::kLstm, grad_hy,
+                             grad_cy, workspace);
   return {a.grad_xg, a.grad_c_prev};
 }
 
-std::tuple<Tensor, Tensor> gru_cell_forward(const Tensor& xg, const Tensor& hg,
-                                            const OptTensor& b_ih, const OptTensor& b_hh,
-                                            const Tensor& hx) {
-  auto a = run_cell_forward("rnn_ext::gru_cell_forward", CellKind::kGru, xg, hg, b_ih, b_hh, hx,
-                            {});
+std::tuple<Tensor, Tensor> gru_pointwise_forward(const Tensor& xg, const Tensor& hg,
+                                                 const OptTensor& b_ih, const OptTensor& b_hh,
+                                                 const Tensor& hx) {
+  auto a = run_cell_forward("rnn_ext::gru_pointwise_forward", CellKind::kGru, xg, hg, b_ih, b_hh,
+                            hx, {});
   return {a.h_new, a.saved};
 }
 
-std::tuple<Tensor, Tensor, Tensor> gru_cell_backward(const Tensor& grad_hy,
-                                                     const Tensor& workspace) {
-  auto a = run_cell_backward("rnn_ext::gru_cell_backward", CellKind::kGru, grad_hy, {}, workspace);
+std::tuple<Tensor, Tensor, Tensor> gru_pointwise_backward(const Tensor& grad_hy,
+                                                          const Tensor& workspace) {
+  auto a = run_cell_backward("rnn_ext::gru_pointwise_backward", CellKind::kGru, grad_hy, {},
+                             workspace);
   return {a.grad_xg, a.grad_hg, a.grad_h_prev};
 }
 
@@ -176,5 +193,21 @@ Tensor gru_cell_inference(const Tensor& input, const Tensor& hx, const Tensor& w
   return run_cell_inference("rnn_ext::gru_cell_inference", CellKind::kGru, input, hx, {}, w_ih,
                             w_hh, b_ih, b_hh).h_new;
 }
+
+namespace {
+void register_cell_ops(torch::Library& m) {
+  m.impl("rnn_pointwise_forward", &rnn_pointwise_forward);
+  m.impl("rnn_pointwise_backward", &rnn_pointwise_backward);
+  m.impl("lstm_pointwise_forward", &lstm_pointwise_forward);
+  m.impl("lstm_pointwise_backward", &lstm_pointwise_backward);
+  m.impl("gru_pointwise_forward", &gru_pointwise_forward);
+  m.impl("gru_pointwise_backward", &gru_pointwise_backward);
+  m.impl("rnn_cell_inference", &rnn_cell_inference);
+  m.impl("lstm_cell_inference", &lstm_cell_inference);
+  m.impl("gru_cell_inference", &gru_cell_inference);
+}
+}  // namespace
+
+RNN_EXT_REGISTER_DEVICE_KERNELS(register_cell_ops)
 
 }  // namespace rnn_ext

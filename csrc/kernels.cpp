@@ -19,9 +19,42 @@ int64_t saved_per_unit(CellKind kind) {
   return s;
 }
 
+namespace {
+// The one table of the cells' names (rnn_ext/_kinds.py is Python's).
+struct KindNames {
+  CellKind kind;
+  const char* mode;          // torch.nn's
+  const char* nonlinearity;  // the RNN's, else null
+};
+constexpr KindNames kKindNames[] = {
+    {CellKind::kRnnTanh, "RNN_TANH", "tanh"},
+    {CellKind::kRnnRelu, "RNN_RELU", "relu"},
+    {CellKind::kLstm, "LSTM", nullptr},
+    {CellKind::kGru, "GRU", nullptr},
+};
+
+const KindNames& names_of(CellKind kind) {
+  for (const KindNames& names : kKindNames) {
+    if (names.kind == kind) return names;
+  }
+  TORCH_CHECK(false, "rnn_ext: unknown cell kind ", static_cast<int>(kind));
+}
+}  // namespace
+
+bool has_workspace(CellKind kind) { return kind == CellKind::kLstm || kind == CellKind::kGru; }
+
+const char* mode_name(CellKind kind) { return names_of(kind).mode; }
+
+const char* nonlinearity_name(CellKind kind) {
+  const char* name = names_of(kind).nonlinearity;
+  TORCH_CHECK(name != nullptr, "rnn_ext: the ", names_of(kind).mode, " cell has no nonlinearity");
+  return name;
+}
+
 CellKind rnn_cell_kind(const char* op, std::string_view nonlinearity) {
-  if (nonlinearity == "tanh") return CellKind::kRnnTanh;
-  if (nonlinearity == "relu") return CellKind::kRnnRelu;
+  for (const KindNames& names : kKindNames) {
+    if (names.nonlinearity != nullptr && nonlinearity == names.nonlinearity) return names.kind;
+  }
   TORCH_CHECK(false, op, ": unknown nonlinearity '", std::string(nonlinearity),
               "', expected 'tanh' or 'relu'");
 }

@@ -19,10 +19,17 @@
 
 namespace rnn_ext {
 
+// The four cells. kernels.cpp holds the one table of their names: torch.nn's mode
+// ('RNN_TANH', 'RNN_RELU', 'LSTM', 'GRU') and the RNN's nonlinearity ('tanh', 'relu'), as
+// rnn_ext/_kinds.py does for Python.
 enum class CellKind { kRnnTanh, kRnnRelu, kLstm, kGru };
 
 int64_t gates_per_unit(CellKind kind);  // G: 1, 1, 4, 3
 int64_t saved_per_unit(CellKind kind);  // S: 1, 1, 5, 5
+// Whether the cell writes a workspace of its own (LSTM, GRU); the RNN's workspace is its output.
+bool has_workspace(CellKind kind);
+const char* mode_name(CellKind kind);          // torch.nn's mode: "RNN_TANH", ..., "GRU"
+const char* nonlinearity_name(CellKind kind);  // "tanh" or "relu"; raises for LSTM and GRU
 // The RNN cell of a nonlinearity name, 'tanh' or 'relu'; `op` names the caller in errors.
 CellKind rnn_cell_kind(const char* op, std::string_view nonlinearity);
 
@@ -117,18 +124,39 @@ template <typename scalar_t>
 ForwardPointers<scalar_t> typed(const ForwardPointers<void>& p) {
   auto in = [](const void* q) { return static_cast<const scalar_t*>(q); };
   auto out = [](void* q) { return static_cast<scalar_t*>(q); };
-  return {in(p.xg),      in(p.hg),     in(p.b_ih),   in(p.b_hh),    in(p.h_prev), in(p.c_prev),
-          out(p.h_new),  out(p.c_new), out(p.saved), p.rows,        p.hidden,
-          p.hg_row,      p.hg_gate};
+  ForwardPointers<scalar_t> t;
+  t.xg = in(p.xg);
+  t.hg = in(p.hg);
+  t.b_ih = in(p.b_ih);
+  t.b_hh = in(p.b_hh);
+  t.h_prev = in(p.h_prev);
+  t.c_prev = in(p.c_prev);
+  t.h_new = out(p.h_new);
+  t.c_new = out(p.c_new);
+  t.saved = out(p.saved);
+  t.rows = p.rows;
+  t.hidden = p.hidden;
+  t.hg_row = p.hg_row;
+  t.hg_gate = p.hg_gate;
+  return t;
 }
 
 template <typename scalar_t>
 BackwardPointers<scalar_t> typed(const BackwardPointers<void>& p) {
   auto in = [](const void* q) { return static_cast<const scalar_t*>(q); };
   auto out = [](void* q) { return static_cast<scalar_t*>(q); };
-  return {in(p.grad_h_new),   in(p.grad_h_add),  in(p.grad_c_new),  in(p.saved),
-          out(p.grad_xg),     out(p.grad_hg),    out(p.grad_h_prev), out(p.grad_c_prev),
-          p.rows,             p.hidden};
+  BackwardPointers<scalar_t> t;
+  t.grad_h_new = in(p.grad_h_new);
+  t.grad_h_add = in(p.grad_h_add);
+  t.grad_c_new = in(p.grad_c_new);
+  t.saved = in(p.saved);
+  t.grad_xg = out(p.grad_xg);
+  t.grad_hg = out(p.grad_hg);
+  t.grad_h_prev = out(p.grad_h_prev);
+  t.grad_c_prev = out(p.grad_c_prev);
+  t.rows = p.rows;
+  t.hidden = p.hidden;
+  return t;
 }
 
 }  // namespace rnn_ext

@@ -1,4 +1,5 @@
-// Layer ops: the recurrence of one direction of one layer over a whole sequence, in C++.
+// The recurrence ops (*_recurrence, *_recurrence_backward) and the layer inference ops
+// (*_layer_inference): one direction of one layer over a whole sequence, in C++.
 //
 // Sequences are time-major and packed: step t owns rows [offset[t], offset[t] + batch[t]) of
 // every [N, *] tensor and holds the first batch[t] sequences (longest first), as in
@@ -116,7 +117,7 @@ class StepQueue {
   std::vector<Step> steps_;
 };
 
-// The input side of the steps' gate pre-activations, xg [N, G*H]. The differentiable layer ops
+// The input side of the steps' gate pre-activations, xg [N, G*H]. The recurrence ops
 // take it whole (autograd's F.linear computed it). The inference ops compute it here from
 // x [N, I] as x @ w_ihᵀ, a chunk of consecutive steps at a time, into one reused buffer of at
 // most kChunkBytes (or one step's rows). A long sequence's xg allocated whole is page-faulted in
@@ -166,6 +167,23 @@ class InputGates {
   int64_t lo_ = 0, hi_ = 0;
 };
 
+// What one layer call computes from: xg, or x and w_ih where the op projects x itself.
+struct LayerForwardArgs {
+  const char* op = nullptr;  // the op's name, for errors
+  CellKind kind = CellKind::kLstm;
+  Tensor xg;         // [N, G*H] input-side pre-activations (the recurrence ops), or
+  Tensor x, w_ih;    // [N, I] and [G*H, I]: xg = x @ w_ihᵀ, computed here (the inference ops)
+  OptTensor b_ih;    // [G*H], added by the pointwise step
+  Tensor w_hh;       // [G*H, P]
+  OptTensor b_hh;    // [G*H]
+  OptTensor w_hr;    // [P, H] (LSTM with projection)
+  Tensor h0;         // [B, P]
+  Tensor c0;         // [B, H] (LSTM)
+  Tensor batch_sizes;
+  bool reverse = false;
+  bool save_workspace = false;  // write the workspace the backward reads (LSTM, GRU)
+};
+
 struct LayerForward {
   Tensor y;      // [N, P]
   Tensor h_n;    // [B, P]
@@ -173,14 +191,15 @@ struct LayerForward {
   Tensor saved;  // [N, S*H], or [0, S*H] when not saved (the RNN's workspace is y)
 };
 
-// The forward of one layer. `input` is xg [N, G*H], or, where the op `projects` it (the
-// *_layer_inference ops), x [N, I] with w_ih [G*H, I]; the pointwise step adds b_ih [G*H] when
-// given.
-LayerForward run_layer_forward(const char* op, CellKind kind, const Tensor& input, bool projects,
-                               const Tensor& w_ih, const OptTensor& b_ih, const Tensor& w_hh,
-                               const OptTensor& b_hh, const OptTensor& w_hr, const Tensor& h0,
-                               const Tensor& c0, const Tensor& batch_sizes, bool reverse,
-                               bool save) {
+// The forward of one layer.
+LayerForward run_layer_forward(const LayerForwardArgs& a) {
+  const char* op = a.op;
+  const CellKind kind = a.kind;
+  const bool projects = a.x.defined();
+  const Tensor& input = projects ? a.x : a.xg;
+  const Tensor &w_ih = a.w_ih, &w_hh = a.w_hh, &h0 = a.h0, &c0 = a.c0;
+  const OptTensor &b_ih = a.b_ih, &b_hh = a.b_hh, &w_hr = a.w_hr;
+  const bool reverse = a.reverse;
   const ArgChecker check(op, input);
   const LayerShape s = check_layer_weights(check, kind, w_hh, b_hh, w_hr, h0);
   const int64_t GH = s.gates * s.hidden;
@@ -194,7 +213,7 @@ LayerForward run_layer_forward(const char* op, CellKind kind, const Tensor& inpu
   const bool lstm = kind == CellKind::kLstm;
   if (lstm) check(c0, "c0", {s.batch, s.hidden});
   const int64_t N = input.size(0);
-  const Steps steps = read_steps(op, batch_sizes, N, s.batch);
+  const Steps steps = read_steps(op, a.batch_sizes, N, s.batch);
   const c10::DeviceGuard guard(input.device());
   // The op is its own autograd boundary: the ATen calls inside it record no graph.
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -208,7 +227,7 @@ LayerForward run_layer_forward(const char* op, CellKind kind, const Tensor& inpu
   const Tensor w = w_hh.contiguous();
   const Tensor w_proj = proj ? w_hr->contiguous() : Tensor();
   const Tensor bias = optional_contiguous(b_hh);
-  const bool saves = save && kind != CellKind::kRnnTanh && kind != CellKind::kRnnRelu;
+  const bool saves = a.save_workspace && has_workspace(kind);
 
   LayerForward out;
   out.y = at::empty({N, s.out}, opts);
@@ -249,11 +268,18 @@ LayerForward run_layer_forward(const char* op, CellKind kind, const Tensor& inpu
     }
     void* y_t = row_pointer(out.y, off);
     void* c = row_pointer(out.c_n);  // null unless LSTM
-    const ForwardPointers<void> p{gates.row(off),      row_pointer(hg),  row_pointer(bias_ih),
-                                  row_pointer(bias),   h_prev,           c,
-                                  proj ? row_pointer(r) : y_t,           c,
-                                  saves ? row_pointer(out.saved, off) : nullptr,
-                                  bs,                  s.hidden};
+    ForwardPointers<void> p;
+    p.xg = gates.row(off);
+    p.hg = row_pointer(hg);
+    p.b_ih = row_pointer(bias_ih);
+    p.b_hh = row_pointer(bias);
+    p.h_prev = h_prev;
+    p.c_prev = c;
+    p.h_new = proj ? row_pointer(r) : y_t;  // the projection's input, else the output row
+    p.c_new = c;                            // in place
+    p.saved = saves ? row_pointer(out.saved, off) : nullptr;
+    p.rows = bs;
+    p.hidden = s.hidden;
     queued.push({h_prev, p});
     if (proj) {
       queued.run();
@@ -340,11 +366,29 @@ struct LayerBackward {
   Tensor grad_w_hr;  // [P, H] (LSTM with projection), else [0]
 };
 
-LayerBackward run_layer_backward(const char* op, CellKind kind, const Tensor& grad_y,
-                                 const Tensor& grad_h_n, const Tensor& grad_c_n,
-                                 const Tensor& w_hh, const OptTensor& w_hr, const Tensor& h0,
-                                 const Tensor& y, const Tensor& saved_in,
-                                 const Tensor& batch_sizes, bool reverse) {
+// What one layer's backward computes from.
+struct LayerBackwardArgs {
+  const char* op = nullptr;  // the op's name, for errors
+  CellKind kind = CellKind::kLstm;
+  Tensor grad_y;     // [N, P]
+  Tensor grad_h_n;   // [B, P]
+  Tensor grad_c_n;   // [B, H] (LSTM)
+  Tensor w_hh;       // [G*H, P]
+  OptTensor w_hr;    // [P, H] (LSTM with projection)
+  Tensor h0;         // [B, P]
+  Tensor y;          // [N, P] the forward's output
+  Tensor workspace;  // [N, S*H] the forward's (LSTM, GRU; the RNN's is y)
+  Tensor batch_sizes;
+  bool reverse = false;
+};
+
+LayerBackward run_layer_backward(const LayerBackwardArgs& a) {
+  const char* op = a.op;
+  const CellKind kind = a.kind;
+  const Tensor &grad_y = a.grad_y, &grad_h_n = a.grad_h_n, &grad_c_n = a.grad_c_n;
+  const Tensor &w_hh = a.w_hh, &h0 = a.h0, &y = a.y;
+  const OptTensor& w_hr = a.w_hr;
+  const bool reverse = a.reverse;
   const ArgChecker check(op, grad_y);
   const LayerShape s = check_layer_weights(check, kind, w_hh, {}, w_hr, h0);
   const bool lstm = kind == CellKind::kLstm, gru = kind == CellKind::kGru;
@@ -354,15 +398,15 @@ LayerBackward run_layer_backward(const char* op, CellKind kind, const Tensor& gr
   check(grad_y, "grad_y", {N, s.out});
   check(grad_h_n, "grad_h_n", {s.batch, s.out});
   if (lstm) check(grad_c_n, "grad_c_n", {s.batch, s.hidden});
-  if (!rnn) check(saved_in, "workspace", {N, saved_per_unit(kind) * s.hidden});
-  const Steps steps = read_steps(op, batch_sizes, N, s.batch);
+  if (!rnn) check(a.workspace, "workspace", {N, saved_per_unit(kind) * s.hidden});
+  const Steps steps = read_steps(op, a.batch_sizes, N, s.batch);
   const c10::DeviceGuard guard(grad_y.device());
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto& kernels = device_kernels(grad_y.device().type());
   const auto opts = grad_y.options();
   const bool proj = w_hr.has_value() && w_hr->defined();
 
-  const Tensor saved = rnn ? y.contiguous() : saved_in.contiguous();
+  const Tensor saved = rnn ? y.contiguous() : a.workspace.contiguous();
   const Tensor gy = grad_y.contiguous();
   const Tensor w = w_hh.contiguous();
   const Tensor w_proj = proj ? w_hr->contiguous() : Tensor();
@@ -400,11 +444,17 @@ LayerBackward run_layer_backward(const char* op, CellKind kind, const Tensor& gr
       grad_h_new = row_pointer(dr);
       grad_h_add = nullptr;
     }
-    const BackwardPointers<void> p{grad_h_new, grad_h_add, dc,
-                                   row_pointer(saved, off), row_pointer(out.grad_xg, off),
-                                   gru ? row_pointer(grad_hg, off) : nullptr,
-                                   gru ? dh : nullptr, dc,
-                                   bs, s.hidden};
+    BackwardPointers<void> p;
+    p.grad_h_new = grad_h_new;
+    p.grad_h_add = grad_h_add;
+    p.grad_c_new = dc;
+    p.saved = row_pointer(saved, off);
+    p.grad_xg = row_pointer(out.grad_xg, off);
+    p.grad_hg = gru ? row_pointer(grad_hg, off) : nullptr;
+    p.grad_h_prev = gru ? dh : nullptr;
+    p.grad_c_prev = dc;  // in place
+    p.rows = bs;
+    p.hidden = s.hidden;
     // dh_prev = (GRU: z dh) + dhg @ W_hh; beta 0 discards dh's old contents otherwise.
     queued.push({p, matrix_rows(out.grad_h0, 0, bs), matrix_rows(grad_hg, off, bs),
                  gru ? 1.0 : 0.0});
@@ -429,57 +479,114 @@ LayerBackward run_layer_backward(const char* op, CellKind kind, const Tensor& gr
 
 }  // namespace
 
-std::tuple<Tensor, Tensor> rnn_layer_forward(const Tensor& xg, const Tensor& w_hh,
-                                             const OptTensor& b_hh, const Tensor& h0,
-                                             const Tensor& batch_sizes, bool reverse,
-                                             std::string_view nonlinearity) {
-  const char* op = "rnn_ext::rnn_layer_forward";
-  auto r = run_layer_forward(op, rnn_cell_kind(op, nonlinearity), xg, false, {}, {}, w_hh, b_hh,
-                             {}, h0, {}, batch_sizes, reverse, false);
+std::tuple<Tensor, Tensor> rnn_recurrence(const Tensor& xg, const Tensor& w_hh,
+                                          const OptTensor& b_hh, const Tensor& h0,
+                                          const Tensor& batch_sizes, bool reverse,
+                                          std::string_view nonlinearity) {
+  LayerForwardArgs a;
+  a.op = "rnn_ext::rnn_recurrence";
+  a.kind = rnn_cell_kind(a.op, nonlinearity);
+  a.xg = xg;
+  a.w_hh = w_hh;
+  a.b_hh = b_hh;
+  a.h0 = h0;
+  a.batch_sizes = batch_sizes;
+  a.reverse = reverse;
+  const LayerForward r = run_layer_forward(a);
   return {r.y, r.h_n};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_backward(
+std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_recurrence_backward(
     const Tensor& grad_y, const Tensor& grad_h_n, const Tensor& w_hh, const Tensor& h0,
     const Tensor& y, const Tensor& batch_sizes, bool reverse, std::string_view nonlinearity) {
-  const char* op = "rnn_ext::rnn_layer_backward";
-  auto r = run_layer_backward(op, rnn_cell_kind(op, nonlinearity), grad_y, grad_h_n, {}, w_hh, {}, h0,
-                              y, {}, batch_sizes, reverse);
+  LayerBackwardArgs a;
+  a.op = "rnn_ext::rnn_recurrence_backward";
+  a.kind = rnn_cell_kind(a.op, nonlinearity);
+  a.grad_y = grad_y;
+  a.grad_h_n = grad_h_n;
+  a.w_hh = w_hh;
+  a.h0 = h0;
+  a.y = y;
+  a.batch_sizes = batch_sizes;
+  a.reverse = reverse;
+  const LayerBackward r = run_layer_backward(a);
   return {r.grad_xg, r.grad_w_hh, r.grad_b_hh, r.grad_h0};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_layer_forward(
+std::tuple<Tensor, Tensor, Tensor, Tensor> lstm_recurrence(
     const Tensor& xg, const Tensor& w_hh, const OptTensor& b_hh, const OptTensor& w_hr,
     const Tensor& h0, const Tensor& c0, const Tensor& batch_sizes, bool reverse,
     bool save_workspace) {
-  auto r = run_layer_forward("rnn_ext::lstm_layer_forward", CellKind::kLstm, xg, false, {}, {},
-                             w_hh, b_hh, w_hr, h0, c0, batch_sizes, reverse, save_workspace);
+  LayerForwardArgs a;
+  a.op = "rnn_ext::lstm_recurrence";
+  a.kind = CellKind::kLstm;
+  a.xg = xg;
+  a.w_hh = w_hh;
+  a.b_hh = b_hh;
+  a.w_hr = w_hr;
+  a.h0 = h0;
+  a.c0 = c0;
+  a.batch_sizes = batch_sizes;
+  a.reverse = reverse;
+  a.save_workspace = save_workspace;
+  const LayerForward r = run_layer_forward(a);
   return {r.y, r.h_n, r.c_n, r.saved};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_layer_backward(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_recurrence_backward(
     const Tensor& grad_y, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& w_hh,
     const OptTensor& w_hr, const Tensor& h0, const Tensor& y, const Tensor& workspace,
     const Tensor& batch_sizes, bool reverse) {
-  auto r = run_layer_backward("rnn_ext::lstm_layer_backward", CellKind::kLstm, grad_y, grad_h_n,
-                              grad_c_n, w_hh, w_hr, h0, y, workspace, batch_sizes, reverse);
+  LayerBackwardArgs a;
+  a.op = "rnn_ext::lstm_recurrence_backward";
+  a.kind = CellKind::kLstm;
+  a.grad_y = grad_y;
+  a.grad_h_n = grad_h_n;
+  a.grad_c_n = grad_c_n;
+  a.w_hh = w_hh;
+  a.w_hr = w_hr;
+  a.h0 = h0;
+  a.y = y;
+  a.workspace = workspace;
+  a.batch_sizes = batch_sizes;
+  a.reverse = reverse;
+  const LayerBackward r = run_layer_backward(a);
   return {r.grad_xg, r.grad_w_hh, r.grad_b_hh, r.grad_h0, r.grad_c0, r.grad_w_hr};
 }
 
-std::tuple<Tensor, Tensor, Tensor> gru_layer_forward(const Tensor& xg, const Tensor& w_hh,
-                                                     const OptTensor& b_hh, const Tensor& h0,
-                                                     const Tensor& batch_sizes, bool reverse,
-                                                     bool save_workspace) {
-  auto r = run_layer_forward("rnn_ext::gru_layer_forward", CellKind::kGru, xg, false, {}, {}, w_hh,
-                             b_hh, {}, h0, {}, batch_sizes, reverse, save_workspace);
+std::tuple<Tensor, Tensor, Tensor> gru_recurrence(const Tensor& xg, const Tensor& w_hh,
+                                                  const OptTensor& b_hh, const Tensor& h0,
+                                                  const Tensor& batch_sizes, bool reverse,
+                                                  bool save_workspace) {
+  LayerForwardArgs a;
+  a.op = "rnn_ext::gru_recurrence";
+  a.kind = CellKind::kGru;
+  a.xg = xg;
+  a.w_hh = w_hh;
+  a.b_hh = b_hh;
+  a.h0 = h0;
+  a.batch_sizes = batch_sizes;
+  a.reverse = reverse;
+  a.save_workspace = save_workspace;
+  const LayerForward r = run_layer_forward(a);
   return {r.y, r.h_n, r.saved};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> gru_layer_backward(
+std::tuple<Tensor, Tensor, Tensor, Tensor> gru_recurrence_backward(
     const Tensor& grad_y, const Tensor& grad_h_n, const Tensor& w_hh, const Tensor& h0,
     const Tensor& y, const Tensor& workspace, const Tensor& batch_sizes, bool reverse) {
-  auto r = run_layer_backward("rnn_ext::gru_layer_backward", CellKind::kGru, grad_y, grad_h_n, {},
-                              w_hh, {}, h0, y, workspace, batch_sizes, reverse);
+  LayerBackwardArgs a;
+  a.op = "rnn_ext::gru_recurrence_backward";
+  a.kind = CellKind::kGru;
+  a.grad_y = grad_y;
+  a.grad_h_n = grad_h_n;
+  a.w_hh = w_hh;
+  a.h0 = h0;
+  a.y = y;
+  a.workspace = workspace;
+  a.batch_sizes = batch_sizes;
+  a.reverse = reverse;
+  const LayerBackward r = run_layer_backward(a);
   return {r.grad_xg, r.grad_w_hh, r.grad_b_hh, r.grad_h0};
 }
 
@@ -488,9 +595,18 @@ std::tuple<Tensor, Tensor> rnn_layer_inference(const Tensor& x, const Tensor& w_
                                                const OptTensor& b_hh, const Tensor& h0,
                                                const Tensor& batch_sizes, bool reverse,
                                                std::string_view nonlinearity) {
-  const char* op = "rnn_ext::rnn_layer_inference";
-  auto r = run_layer_forward(op, rnn_cell_kind(op, nonlinearity), x, true, w_ih, b_ih, w_hh, b_hh,
-                             {}, h0, {}, batch_sizes, reverse, false);
+  LayerForwardArgs a;
+  a.op = "rnn_ext::rnn_layer_inference";
+  a.kind = rnn_cell_kind(a.op, nonlinearity);
+  a.x = x;
+  a.w_ih = w_ih;
+  a.b_ih = b_ih;
+  a.w_hh = w_hh;
+  a.b_hh = b_hh;
+  a.h0 = h0;
+  a.batch_sizes = batch_sizes;
+  a.reverse = reverse;
+  const LayerForward r = run_layer_forward(a);
   return {r.y, r.h_n};
 }
 
@@ -498,8 +614,20 @@ std::tuple<Tensor, Tensor, Tensor> lstm_layer_inference(
     const Tensor& x, const Tensor& w_ih, const OptTensor& b_ih, const Tensor& w_hh,
     const OptTensor& b_hh, const OptTensor& w_hr, const Tensor& h0, const Tensor& c0,
     const Tensor& batch_sizes, bool reverse) {
-  auto r = run_layer_forward("rnn_ext::lstm_layer_inference", CellKind::kLstm, x, true, w_ih,
-                             b_ih, w_hh, b_hh, w_hr, h0, c0, batch_sizes, reverse, false);
+  LayerForwardArgs a;
+  a.op = "rnn_ext::lstm_layer_inference";
+  a.kind = CellKind::kLstm;
+  a.x = x;
+  a.w_ih = w_ih;
+  a.b_ih = b_ih;
+  a.w_hh = w_hh;
+  a.b_hh = b_hh;
+  a.w_hr = w_hr;
+  a.h0 = h0;
+  a.c0 = c0;
+  a.batch_sizes = batch_sizes;
+  a.reverse = reverse;
+  const LayerForward r = run_layer_forward(a);
   return {r.y, r.h_n, r.c_n};
 }
 
@@ -507,9 +635,35 @@ std::tuple<Tensor, Tensor> gru_layer_inference(const Tensor& x, const Tensor& w_
                                                const OptTensor& b_ih, const Tensor& w_hh,
                                                const OptTensor& b_hh, const Tensor& h0,
                                                const Tensor& batch_sizes, bool reverse) {
-  auto r = run_layer_forward("rnn_ext::gru_layer_inference", CellKind::kGru, x, true, w_ih, b_ih,
-                             w_hh, b_hh, {}, h0, {}, batch_sizes, reverse, false);
+  LayerForwardArgs a;
+  a.op = "rnn_ext::gru_layer_inference";
+  a.kind = CellKind::kGru;
+  a.x = x;
+  a.w_ih = w_ih;
+  a.b_ih = b_ih;
+  a.w_hh = w_hh;
+  a.b_hh = b_hh;
+  a.h0 = h0;
+  a.batch_sizes = batch_sizes;
+  a.reverse = reverse;
+  const LayerForward r = run_layer_forward(a);
   return {r.y, r.h_n};
 }
+
+namespace {
+void register_layer_ops(torch::Library& m) {
+  m.impl("rnn_recurrence", &rnn_recurrence);
+  m.impl("rnn_recurrence_backward", &rnn_recurrence_backward);
+  m.impl("lstm_recurrence", &lstm_recurrence);
+  m.impl("lstm_recurrence_backward", &lstm_recurrence_backward);
+  m.impl("gru_recurrence", &gru_recurrence);
+  m.impl("gru_recurrence_backward", &gru_recurrence_backward);
+  m.impl("rnn_layer_inference", &rnn_layer_inference);
+  m.impl("lstm_layer_inference", &lstm_layer_inference);
+  m.impl("gru_layer_inference", &gru_layer_inference);
+}
+}  // namespace
+
+RNN_EXT_REGISTER_DEVICE_KERNELS(register_layer_ops)
 
 }  // namespace rnn_ext

@@ -1,12 +1,14 @@
 """The functional API. Each function picks the backend (see _backend.py) and nothing else does.
 
 Cells take torch's arguments (input, hx, w_ih, w_hh, b_ih, b_hh): input [B, I], hx [B, H]
-(LSTM: a pair (h, c)), and run as one rnn_ext.*_cell op: both GEMMs and the fused step, one
+(LSTM: a pair (h, c)), and run as one rnn_ext::*_cell op: both GEMMs and the fused step, one
 autograd node where a gradient is wanted, the *_cell_inference op where none is.
 
-`recurrent_layer` runs one direction of one layer over a time-major packed sequence (without
-grad, a *_layer_inference op that projects the input itself), and `rnn` is the multi-layer,
-bidirectional stack that the modules call.
+`recurrent_layer` runs one direction of one layer over a time-major packed sequence as one
+rnn_ext::*_layer op (with a gradient to compute, the input projection and the recurrence's
+autograd node; without, the *_layer_inference op, which projects the input itself), and `rnn` is
+the multi-layer, bidirectional stack that the modules call. The ops choose between the two paths
+(csrc/autograd.cpp), not this module.
 
 Under torch.autocast every function here runs in the autocast dtype (see `_autocast`), on either
 backend; outside it, all tensors of a call must share one dtype.
@@ -20,8 +22,9 @@ from torch import Tensor
 
 from . import reference
 from ._backend import uses_kernels
+from ._kinds import KINDS
 
-_ops = torch.ops.rnn_ext
+_compiled_ops = torch.ops.rnn_ext
 
 
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:
@@ -48,17 +51,13 @@ def _autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
                  and t.dtype != torch.float64 else t for t in tensors)
 
 
-def _needs_grad(*tensors: Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def rnn_tanh_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor,
                   b_ih: Tensor | None = None, b_hh: Tensor | None = None) -> Tensor:
     """h' = tanh(W_ih x + b_ih + W_hh h + b_hh); returns h' [B, H]."""
     input, hx, w_ih, w_hh, b_ih, b_hh = _autocast(input, hx, w_ih, w_hh, b_ih, b_hh)
     if not uses_kernels(input):
         return reference.rnn_tanh_cell(input, hx, w_ih, w_hh, b_ih, b_hh)
-    return _ops.rnn_cell(input, hx, w_ih, w_hh, b_ih, b_hh, "tanh")
+    return _compiled_ops.rnn_cell(input, hx, w_ih, w_hh, b_ih, b_hh, "tanh")
 
 
 def rnn_relu_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor,
@@ -67,7 +66,7 @@ def rnn_relu_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor,
     input, hx, w_ih, w_hh, b_ih, b_hh = _autocast(input, hx, w_ih, w_hh, b_ih, b_hh)
     if not uses_kernels(input):
         return reference.rnn_relu_cell(input, hx, w_ih, w_hh, b_ih, b_hh)
-    return _ops.rnn_cell(input, hx, w_ih, w_hh, b_ih, b_hh, "relu")
+    return _compiled_ops.rnn_cell(input, hx, w_ih, w_hh, b_ih, b_hh, "relu")
 
 
 def lstm_cell(input: Tensor, hx: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tensor,
@@ -76,7 +75,7 @@ def lstm_cell(input: Tensor, hx: tuple[Tensor, Tensor], w_ih: Tensor, w_hh: Tens
     input, h, c, w_ih, w_hh, b_ih, b_hh = _autocast(input, *hx, w_ih, w_hh, b_ih, b_hh)
     if not uses_kernels(input):
         return reference.lstm_cell(input, (h, c), w_ih, w_hh, b_ih, b_hh)
-    return _ops.lstm_cell(input, h, c, w_ih, w_hh, b_ih, b_hh)
+    return _compiled_ops.lstm_cell(input, h, c, w_ih, w_hh, b_ih, b_hh)
 
 
 def gru_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor,
@@ -85,19 +84,7 @@ def gru_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor,
     input, hx, w_ih, w_hh, b_ih, b_hh = _autocast(input, hx, w_ih, w_hh, b_ih, b_hh)
     if not uses_kernels(input):
         return reference.gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh)
-    return _ops.gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh)
-
-
-def _layer_biases(mode: str, b_ih: Tensor | None, b_hh: Tensor | None
-                  ) -> tuple[Tensor | None, Tensor | None]:
-    """The biases as the layer ops take them: (the input side's, the hidden side's).
-
-    RNN and LSTM add b_ih and b_hh to the same pre-activations, so they are summed once here
-    and added by the op's fused step, which reads a bias anyway: a GEMM with a bias first copies
-    it into all N rows of its output. The GRU's b_hn sits inside r * (...), apart from b_in."""
-    if mode == "GRU" or b_ih is None:
-        return b_ih, b_hh
-    return None, b_ih if b_hh is None else b_ih + b_hh
+    return _compiled_ops.gru_cell(input, hx, w_ih, w_hh, b_ih, b_hh)
 
 
 def recurrent_layer(mode: str, x: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Tensor | None,
@@ -113,28 +100,15 @@ def recurrent_layer(mode: str, x: Tensor, batch_sizes: Tensor, h0: Tensor, c0: T
     if not uses_kernels(x):
         xg = F.linear(x, w_ih, b_ih)
         return reference.layer_recurrence(mode, xg, w_hh, b_hh, w_hr, h0, c0, batch_sizes, reverse)
-    b_ih, b_hh = _layer_biases(mode, b_ih, b_hh)
-    nonlinearity = {"RNN_TANH": "tanh", "RNN_RELU": "relu"}.get(mode)
-    if not _needs_grad(x, w_ih, b_ih, w_hh, b_hh, w_hr, h0, c0):
-        # No graph: the inference ops project x themselves, a chunk of steps at a time.
-        if mode == "LSTM":
-            return _ops.lstm_layer_inference(x, w_ih, b_ih, w_hh, b_hh, w_hr, h0, c0,
-                                             batch_sizes, reverse)
-        if mode == "GRU":
-            y, h_n = _ops.gru_layer_inference(x, w_ih, b_ih, w_hh, b_hh, h0, batch_sizes, reverse)
-            return y, h_n, None
-        y, h_n = _ops.rnn_layer_inference(x, w_ih, b_ih, w_hh, b_hh, h0, batch_sizes, reverse,
-                                          nonlinearity)
-        return y, h_n, None
-    xg = F.linear(x, w_ih, b_ih)
-    if mode == "LSTM":
-        y, h_n, c_n, _ = _ops.lstm_layer_forward(xg, w_hh, b_hh, w_hr, h0, c0, batch_sizes,
-                                                 reverse, True)
-        return y, h_n, c_n
-    if mode == "GRU":
-        y, h_n, _ = _ops.gru_layer_forward(xg, w_hh, b_hh, h0, batch_sizes, reverse, True)
-        return y, h_n, None
-    y, h_n = _ops.rnn_layer_forward(xg, w_hh, b_hh, h0, batch_sizes, reverse, nonlinearity)
+    kind = KINDS[mode]
+    if kind.op == "lstm":
+        return _compiled_ops.lstm_layer(x, w_ih, b_ih, w_hh, b_hh, w_hr, h0, c0, batch_sizes,
+                                        reverse)
+    if kind.op == "gru":
+        y, h_n = _compiled_ops.gru_layer(x, w_ih, b_ih, w_hh, b_hh, h0, batch_sizes, reverse)
+    else:
+        y, h_n = _compiled_ops.rnn_layer(x, w_ih, b_ih, w_hh, b_hh, h0, batch_sizes, reverse,
+                                         kind.nonlinearity)
     return y, h_n, None
 
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import functional
+from ._kinds import rnn_mode
 
 __all__ = ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"]
 
@@ -145,12 +146,9 @@ class RNN(_RecurrentForward, nn.RNNBase):
             nonlinearity, args = args[3], args[:3] + args[4:]
         else:
             nonlinearity = kwargs.pop("nonlinearity", "tanh")
-        modes = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
-        if nonlinearity not in modes:
-            raise ValueError(
-                f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
+        mode = rnn_mode(nonlinearity)
         self.nonlinearity = nonlinearity
-        super().__init__(modes[nonlinearity], *args, **kwargs)
+        super().__init__(mode, *args, **kwargs)
 
 
 class LSTM(_RecurrentForward, nn.RNNBase):
@@ -225,7 +223,8 @@ def _batched(input: Tensor, states: tuple[Tensor, ...], hidden_size: int, count:
 
 
 class RNNCell(nn.RNNCell):
-    """torch.nn.RNNCell with a fused pointwise kernel."""
+    """torch.nn.RNNCell as one fused op per step (rnn_ext.functional.rnn_tanh_cell /
+    rnn_relu_cell)."""
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         states = () if hx is None else (hx,)
@@ -243,7 +242,7 @@ class RNNCell(nn.RNNCell):
 
 
 class LSTMCell(nn.LSTMCell):
-    """torch.nn.LSTMCell with a fused pointwise kernel."""
+    """torch.nn.LSTMCell as one fused op per step (rnn_ext.functional.lstm_cell)."""
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
                 ) -> tuple[Tensor, Tensor]:
@@ -257,7 +256,7 @@ class LSTMCell(nn.LSTMCell):
 
 
 class GRUCell(nn.GRUCell):
-    """torch.nn.GRUCell with a fused pointwise kernel."""
+    """torch.nn.GRUCell as one fused op per step (rnn_ext.functional.gru_cell)."""
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         states = () if hx is None else (hx,)

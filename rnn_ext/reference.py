@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-MODES = ("RNN_TANH", "RNN_RELU", "LSTM", "GRU")
+from ._kinds import KINDS
 
 
 def _add_bias(gates: Tensor, bias: Tensor | None) -> Tensor:
@@ -76,9 +76,10 @@ def gru_cell(input: Tensor, hx: Tensor, w_ih: Tensor, w_hh: Tensor,
 def layer_recurrence(mode: str, xg: Tensor, w_hh: Tensor, b_hh: Tensor | None,
                      w_hr: Tensor | None, h0: Tensor, c0: Tensor | None, batch_sizes: Tensor,
                      reverse: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """xg: [N, G*H] input-side pre-activations (b_ih included); w_hh: [G*H, P]; b_hh: [G*H];
+    """mode: 'RNN_TANH', 'RNN_RELU', 'LSTM' or 'GRU' (see _kinds.KINDS). xg: [N, G*H] input-side pre-activations (b_ih included); w_hh: [G*H, P]; b_hh: [G*H];
     w_hr: [P, H] or None; h0: [B, P]; c0: [B, H] (LSTM) or None; batch_sizes: [T] int64.
     Returns y [N, P], h_n [B, P], c_n [B, H] (LSTM) or None."""
+    kind = KINDS[mode]
     sizes = [int(b) for b in batch_sizes]
     offsets = [sum(sizes[:t]) for t in range(len(sizes))]
     h, c = h0, c0
@@ -87,15 +88,15 @@ def layer_recurrence(mode: str, xg: Tensor, w_hh: Tensor, b_hh: Tensor | None,
         n, off = sizes[t], offsets[t]
         x_t, h_t = xg[off:off + n], h[:n]
         hg = F.linear(h_t, w_hh)
-        if mode == "LSTM":
+        if kind.op == "lstm":
             h_t, c_t = lstm_cell_step(x_t, hg, None, b_hh, c[:n])
             if w_hr is not None:
                 h_t = F.linear(h_t, w_hr)
             c = torch.cat([c_t, c[n:]])
-        elif mode == "GRU":
+        elif kind.op == "gru":
             h_t = gru_cell_step(x_t, hg, None, b_hh, h_t)
         else:
-            h_t = rnn_cell_step(x_t, hg, None, b_hh, "tanh" if mode == "RNN_TANH" else "relu")
+            h_t = rnn_cell_step(x_t, hg, None, b_hh, kind.nonlinearity)
         h = torch.cat([h_t, h[n:]])
         outputs[t] = h_t
     return torch.cat(outputs), h, c  # type: ignore[arg-type]

@@ -331,8 +331,8 @@ def test_functional_matches_reference_and_torch(extension, device, name, bias):
     with OpRecorder() as record:
         outs, grads = _call_with_grads(getattr(functional, name), args)
     op = {"lstm_cell": "lstm", "gru_cell": "gru"}.get(name, "rnn")
-    assert f"rnn_ext.{op}_cell_forward.default" in record.rnn_ext_ops()
-    assert f"rnn_ext.{op}_cell_backward.default" in record.rnn_ext_ops()
+    assert f"rnn_ext.{op}_pointwise_forward.default" in record.rnn_ext_ops()
+    assert f"rnn_ext.{op}_pointwise_backward.default" in record.rnn_ext_ops()
     for expected_fn in (getattr(reference, name), getattr(_VF, name)):
         ref_outs, ref_grads = _call_with_grads(expected_fn, args)
         assert len(outs) == len(ref_outs)
@@ -351,8 +351,8 @@ def test_modules_run_the_extension_ops(extension, kind):
     with OpRecorder() as record:
         run_and_grad(ext_cell, x, hx)
     op = {"lstm": "lstm", "gru": "gru"}.get(kind, "rnn")
-    assert record.rnn_ext_ops() == {f"rnn_ext.{op}_cell_forward.default",
-                                    f"rnn_ext.{op}_cell_backward.default"}
+    assert record.rnn_ext_ops() == {f"rnn_ext.{op}_pointwise_forward.default",
+                                    f"rnn_ext.{op}_pointwise_backward.default"}
 
 
 # -------------------------------------------------------------------------------- backend switch

@@ -46,8 +46,8 @@ def make_inputs(kind, B, H, dtype=torch.float64, device="cpu", bias=True, requir
 
 def forward_op(kind):
     if kind.startswith("rnn"):
-        return ops.rnn_cell_forward
-    return ops.lstm_cell_forward if kind == "lstm" else ops.gru_cell_forward
+        return ops.rnn_pointwise_forward
+    return ops.lstm_pointwise_forward if kind == "lstm" else ops.gru_pointwise_forward
 
 
 def run_op(kind, args):
@@ -160,39 +160,35 @@ def test_forward_large_magnitudes_saturate(device, kind):
 
 
 # ---------------------------------------------------------------------------------- autograd
+# The pointwise ops have no autograd node of their own: the whole-cell ops' node runs them, and
+# their fused backward, so the cells' gradients are checked through the whole-cell ops (the
+# helpers below), and the gradcheck / gradgradcheck of every kind and bias variant is
+# test_whole_cell_gradcheck's.
 
-@BIAS_VARIANTS
-@pytest.mark.parametrize("kind", KINDS)
-def test_gradcheck(device, kind, bias):
-    args = make_inputs(kind, 3, 4, torch.float64, device, bias, requires_grad=True, seed=11)
-    assert torch.autograd.gradcheck(lambda *a: run_op(kind, a), args)
-
-
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("kind", KINDS)
-def test_gradgradcheck(device, kind, bias):
-    args = make_inputs(kind, 3, 4, torch.float64, device, bias, requires_grad=True, seed=12)
-    assert torch.autograd.gradgradcheck(lambda *a: run_op(kind, a), args)
+MODE = {"rnn_tanh": "RNN_TANH", "rnn_relu": "RNN_RELU", "lstm": "LSTM", "gru": "GRU"}
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
 def test_gradgradcheck_partial_requires_grad(device, kind):
-    """Double backward when only some inputs require grad (xg and the state / xg only)."""
-    args = make_inputs(kind, 3, 4, torch.float64, device, seed=13)
-    for i in ([0, 4] if not kind.startswith("rnn") else [0]):
+    """Double backward when only some inputs require grad (the input and the state / the input
+    only)."""
+    args = inference_args(kind, 3, 4, device=device, seed=13)
+    for i in ([0, 1, 2] if kind == "lstm" else [0, 1] if kind == "gru" else [0]):
         args[i].requires_grad_(True)
-    assert torch.autograd.gradgradcheck(lambda *a: run_op(kind, a), args)
+    assert torch.autograd.gradgradcheck(lambda *a: run_cell(kind, a), args)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_autograd_float32_matches_reference(device, kind):
     """First-order gradients of every input, float32, through a sum loss (whose gradient
     reaches the op as an expanded, stride-0 tensor)."""
-    args = make_inputs(kind, 5, 33, torch.float32, device, requires_grad=True, seed=5)
+    args = inference_args(kind, 5, 33, dtype=torch.float32, device=device, seed=5)
+    for a in tensors(args):
+        a.requires_grad_(True)
     ref_args = tuple(a.detach().clone().requires_grad_(True) if isinstance(a, torch.Tensor)
                      else a for a in args)
-    got = torch.autograd.grad(sum(o.sum() for o in run_op(kind, args)), tensors(args))
-    want = torch.autograd.grad(sum(o.sum() for o in run_reference(kind, ref_args)),
+    got = torch.autograd.grad(sum(o.sum() for o in run_cell(kind, args)), tensors(args))
+    want = torch.autograd.grad(sum(o.sum() for o in reference_cell(kind, ref_args)),
                                tensors(ref_args))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
@@ -200,42 +196,30 @@ def test_autograd_float32_matches_reference(device, kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_autograd_zero_batch(device, kind):
-    args = make_inputs(kind, 0, 5, torch.float64, device, requires_grad=True)
-    grads = torch.autograd.grad(sum(o.sum() for o in run_op(kind, args)), tensors(args))
+    args = inference_args(kind, 0, 5, device=device)
+    for a in tensors(args):
+        a.requires_grad_(True)
+    grads = torch.autograd.grad(sum(o.sum() for o in run_cell(kind, args)), tensors(args))
     for g, a in zip(grads, tensors(args)):
         assert g.shape == a.shape
         assert (g == 0).all()
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_autograd_only_state_requires_grad(device, kind):
-    """Gradients reach the one input that requires them; the others get none."""
-    args = make_inputs(kind, 3, 4, torch.float64, device, seed=21)
-    target = 1 if kind.startswith("rnn") else 4  # hg, or cx / hx
-    args[target].requires_grad_(True)
-    out = run_op(kind, args)
-    (got,) = torch.autograd.grad(out[0].sum(), args[target])
-    ref_args = list(args)
-    ref_args[target] = args[target].detach().clone().requires_grad_(True)
-    (want,) = torch.autograd.grad(run_reference(kind, ref_args)[0].sum(), ref_args[target])
-    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("bias", ["ih", False], ids=["b_ih_only", "nobias"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_differentiable_backward_matches_fused_backward(device, kind, bias):
     """differentiable_backward (the backward under create_graph) gives the gradients the fused
-    backward op gives, as a graph; zeros for an input that does not require grad, an empty
+    backward gives, as a graph; zeros for an input that does not require grad, an empty
     tensor for an absent one."""
-    args = make_inputs(kind, 3, 4, torch.float64, device, bias, requires_grad=True, seed=23)
-    args[0].requires_grad_(False)
-    outputs = run_op(kind, args)
+    args = inference_args(kind, 3, 4, device=device, bias=bias, seed=23)
+    for a in tensors(args)[1:]:
+        a.requires_grad_(True)
+    outputs = run_cell(kind, args)
     grads = [torch.randn_like(o) for o in outputs]
     present = [a for a in tensors(args) if a.requires_grad]
     fused = iter(torch.autograd.grad(outputs, present, grads))
-    step = kind + "_cell_forward"
-    inputs = list(args[:4]) + ([] if kind.startswith("rnn") else [args[4]])
-    found = ops.differentiable_backward(step, inputs, grads, None, False)
+    inputs = list(args[:7] if kind == "lstm" else args[:6])
+    found = ops.differentiable_backward("cell", MODE[kind], inputs, grads, None, False)
     assert len(found) == len(inputs)
     for got, arg in zip(found, inputs):
         if arg is None:
@@ -248,35 +232,38 @@ def test_differentiable_backward_matches_fused_backward(device, kind, bias):
 
 
 def test_differentiable_backward_validates(device):
-    """Bad arguments raise: the step, the number of inputs, batch_sizes for a cell, inputs the
-    forward op rejects, gradients unlike its outputs."""
-    xg, hg, b_ih, b_hh, cx = make_inputs("lstm", 3, 4, torch.float64, device, seed=24)
+    """Bad arguments raise: the op, the mode, the number of inputs, batch_sizes for a cell,
+    inputs the op rejects, gradients unlike its outputs."""
+    input, hx, cx, w_ih, w_hh, b_ih, b_hh = inference_args("lstm", 3, 4, device=device, seed=24)
     grads = [torch.ones(3, 4, dtype=torch.float64, device=device)] * 2
-    inputs = [xg, hg, b_ih, b_hh, cx]
+    inputs = [input, hx, cx, w_ih, w_hh, b_ih, b_hh]
     call = ops.differentiable_backward
-    with pytest.raises(ValueError, match="step must be one of"):
-        call("lstm_forward", inputs, grads, None, False)
-    with pytest.raises(ValueError, match="takes 5 inputs, got 4"):
-        call("lstm_cell_forward", inputs[:4], grads, None, False)
-    with pytest.raises(ValueError, match="batch_sizes is required for a layer and None"):
-        call("lstm_cell_forward", inputs, grads, torch.tensor([3]), False)
+    with pytest.raises(ValueError, match="op must be one of"):
+        call("lstm_forward", "LSTM", inputs, grads, None, False)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        call("cell", "lstm", inputs, grads, None, False)
+    with pytest.raises(ValueError, match="takes 7 inputs, got 6"):
+        call("cell", "LSTM", inputs[:6], grads, None, False)
+    with pytest.raises(ValueError, match="batch_sizes is required for a recurrence and None"):
+        call("cell", "LSTM", inputs, grads, torch.tensor([3]), False)
     with pytest.raises(RuntimeError, match="b_ih"):
-        call("lstm_cell_forward", [xg, hg, b_ih[:1], b_hh, cx], grads, None, False)
+        call("cell", "LSTM", [input, hx, cx, w_ih, w_hh, b_ih[:1], b_hh], grads, None, False)
     with pytest.raises(ValueError, match="grads must be 2 tensors"):
-        call("lstm_cell_forward", inputs, grads[:1], None, False)
+        call("cell", "LSTM", inputs, grads[:1], None, False)
     with pytest.raises(ValueError, match="grads must be 2 tensors"):
-        call("lstm_cell_forward", inputs, [grads[0], grads[1][:, :3]], None, False)
+        call("cell", "LSTM", inputs, [grads[0], grads[1][:, :3]], None, False)
     with pytest.raises(ValueError, match="grads must be 2 tensors"):
-        call("lstm_cell_forward", inputs, [grads[0], grads[1].float()], None, False)
+        call("cell", "LSTM", inputs, [grads[0], grads[1].float()], None, False)
 
 
 # ------------------------------------------------------------------------------------ opcheck
 
-@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_opcheck_forward(device, kind, bias, requires_grad):
-    args = make_inputs(kind, 3, 4, torch.float64, device, bias, requires_grad, seed=31)
+def test_opcheck_forward(device, kind, bias):
+    """The pointwise op alone (without grad: it has no autograd node; test_opcheck_whole_cell
+    checks the node that runs it)."""
+    args = make_inputs(kind, 3, 4, torch.float64, device, bias, seed=31)
     opcheck(forward_op(kind), args)
 
 
@@ -286,11 +273,11 @@ def backward_op_args(kind, B=3, H=4, dtype=torch.float64, device="cpu", bias=Tru
     gen = torch.Generator().manual_seed(seed + 1)
     grad_hy = _randn(gen, (B, H), dtype, device)
     if kind.startswith("rnn"):
-        return args, (grad_hy, ops.rnn_cell_forward(*args), args[4])
+        return args, (grad_hy, ops.rnn_pointwise_forward(*args), args[4])
     if kind == "lstm":
         grad_cy = _randn(gen, (B, H), dtype, device)
-        return args, (grad_hy, grad_cy, ops.lstm_cell_forward(*args)[2])
-    return args, (grad_hy, ops.gru_cell_forward(*args)[1])
+        return args, (grad_hy, grad_cy, ops.lstm_pointwise_forward(*args)[2])
+    return args, (grad_hy, ops.gru_pointwise_forward(*args)[1])
 
 
 def as_tuple(out):
@@ -315,8 +302,8 @@ def reference_backward(kind, fargs, bargs, dtype):
 
 def backward_op(kind):
     if kind.startswith("rnn"):
-        return ops.rnn_cell_backward
-    return ops.lstm_cell_backward if kind == "lstm" else ops.gru_cell_backward
+        return ops.rnn_pointwise_backward
+    return ops.lstm_pointwise_backward if kind == "lstm" else ops.gru_pointwise_backward
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -356,7 +343,8 @@ def test_backward_op_bfloat16(device, kind):
 
 
 def test_autograd_uses_the_fused_backward_op(device):
-    """The registered backward runs rnn_ext's backward op (not a reference fallback)."""
+    """The whole-cell node runs rnn_ext's pointwise forward and backward ops (not a reference
+    fallback)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Record(TorchDispatchMode):
@@ -369,12 +357,14 @@ def test_autograd_uses_the_fused_backward_op(device):
             return func(*args, **(kwargs or {}))
 
     for kind in KINDS:
-        args = make_inputs(kind, 3, 4, torch.float32, device, requires_grad=True)
+        args = inference_args(kind, 3, 4, dtype=torch.float32, device=device)
+        for a in tensors(args):
+            a.requires_grad_(True)
         with Record() as record:
-            sum(o.sum() for o in run_op(kind, args)).backward()
+            sum(o.sum() for o in run_cell(kind, args)).backward()
         name = "rnn" if kind.startswith("rnn") else kind
-        assert f"rnn_ext.{name}_cell_forward.default" in record.names, record.names
-        assert f"rnn_ext.{name}_cell_backward.default" in record.names, record.names
+        assert f"rnn_ext.{name}_pointwise_forward.default" in record.names, record.names
+        assert f"rnn_ext.{name}_pointwise_backward.default" in record.names, record.names
 
 
 # ---------------------------------------------------------------------------------- inference
@@ -545,101 +535,101 @@ B_, H_ = 3, 4
 
 ERROR_CASES = {
     # wrong dims
-    "rnn_xg_3d": lambda d: ops.rnn_cell_forward(_t(1, B_, H_, device=d), _t(1, B_, H_, device=d),
+    "rnn_xg_3d": lambda d: ops.rnn_pointwise_forward(_t(1, B_, H_, device=d), _t(1, B_, H_, device=d),
                                                 None, None, "tanh"),
-    "rnn_xg_1d": lambda d: ops.rnn_cell_forward(_t(H_, device=d), _t(H_, device=d), None, None,
+    "rnn_xg_1d": lambda d: ops.rnn_pointwise_forward(_t(H_, device=d), _t(H_, device=d), None, None,
                                                 "tanh"),
-    "lstm_hg_1d": lambda d: ops.lstm_cell_forward(_t(B_, 4 * H_, device=d), _t(4 * H_, device=d),
+    "lstm_hg_1d": lambda d: ops.lstm_pointwise_forward(_t(B_, 4 * H_, device=d), _t(4 * H_, device=d),
                                                   None, None, _t(B_, H_, device=d)),
-    "gru_hx_3d": lambda d: ops.gru_cell_forward(_t(B_, 3 * H_, device=d), _t(B_, 3 * H_, device=d),
+    "gru_hx_3d": lambda d: ops.gru_pointwise_forward(_t(B_, 3 * H_, device=d), _t(B_, 3 * H_, device=d),
                                                 None, None, _t(1, B_, H_, device=d)),
-    "lstm_bias_2d": lambda d: ops.lstm_cell_forward(
+    "lstm_bias_2d": lambda d: ops.lstm_pointwise_forward(
         _t(B_, 4 * H_, device=d), _t(B_, 4 * H_, device=d), _t(1, 4 * H_, device=d), None,
         _t(B_, H_, device=d)),
     # wrong sizes
-    "rnn_hg_rows": lambda d: ops.rnn_cell_forward(_t(B_, H_, device=d), _t(B_ + 1, H_, device=d),
+    "rnn_hg_rows": lambda d: ops.rnn_pointwise_forward(_t(B_, H_, device=d), _t(B_ + 1, H_, device=d),
                                                   None, None, "tanh"),
-    "rnn_hg_cols": lambda d: ops.rnn_cell_forward(_t(B_, H_, device=d), _t(B_, H_ + 1, device=d),
+    "rnn_hg_cols": lambda d: ops.rnn_pointwise_forward(_t(B_, H_, device=d), _t(B_, H_ + 1, device=d),
                                                   None, None, "relu"),
-    "lstm_hg_cols": lambda d: ops.lstm_cell_forward(
+    "lstm_hg_cols": lambda d: ops.lstm_pointwise_forward(
         _t(B_, 4 * H_, device=d), _t(B_, 3 * H_, device=d), None, None, _t(B_, H_, device=d)),
-    "gru_hg_rows": lambda d: ops.gru_cell_forward(
+    "gru_hg_rows": lambda d: ops.gru_pointwise_forward(
         _t(B_, 3 * H_, device=d), _t(B_ - 1, 3 * H_, device=d), None, None, _t(B_, H_, device=d)),
-    "rnn_b_ih_len": lambda d: ops.rnn_cell_forward(_t(B_, H_, device=d), _t(B_, H_, device=d),
+    "rnn_b_ih_len": lambda d: ops.rnn_pointwise_forward(_t(B_, H_, device=d), _t(B_, H_, device=d),
                                                    _t(H_ + 1, device=d), None, "tanh"),
-    "lstm_b_hh_len": lambda d: ops.lstm_cell_forward(
+    "lstm_b_hh_len": lambda d: ops.lstm_pointwise_forward(
         _t(B_, 4 * H_, device=d), _t(B_, 4 * H_, device=d), None, _t(H_, device=d),
         _t(B_, H_, device=d)),
-    "gru_b_ih_len": lambda d: ops.gru_cell_forward(
+    "gru_b_ih_len": lambda d: ops.gru_pointwise_forward(
         _t(B_, 3 * H_, device=d), _t(B_, 3 * H_, device=d), _t(4 * H_, device=d), None,
         _t(B_, H_, device=d)),
-    "lstm_cx_shape": lambda d: ops.lstm_cell_forward(
+    "lstm_cx_shape": lambda d: ops.lstm_pointwise_forward(
         _t(B_, 4 * H_, device=d), _t(B_, 4 * H_, device=d), None, None, _t(B_, H_ + 1, device=d)),
-    "lstm_cx_rows": lambda d: ops.lstm_cell_forward(
+    "lstm_cx_rows": lambda d: ops.lstm_pointwise_forward(
         _t(B_, 4 * H_, device=d), _t(B_, 4 * H_, device=d), None, None, _t(B_ + 1, H_, device=d)),
-    "gru_hx_shape": lambda d: ops.gru_cell_forward(
+    "gru_hx_shape": lambda d: ops.gru_pointwise_forward(
         _t(B_, 3 * H_, device=d), _t(B_, 3 * H_, device=d), None, None, _t(B_, 4 * H_, device=d)),
-    "lstm_workspace_shape": lambda d: ops.lstm_cell_backward(
+    "lstm_workspace_shape": lambda d: ops.lstm_pointwise_backward(
         _t(B_, H_, device=d), _t(B_, H_, device=d), _t(B_, 4 * H_, device=d)),
-    "lstm_workspace_rows": lambda d: ops.lstm_cell_backward(
+    "lstm_workspace_rows": lambda d: ops.lstm_pointwise_backward(
         _t(B_, H_, device=d), _t(B_, H_, device=d), _t(B_ + 1, 5 * H_, device=d)),
-    "lstm_grad_cy_shape": lambda d: ops.lstm_cell_backward(
+    "lstm_grad_cy_shape": lambda d: ops.lstm_pointwise_backward(
         _t(B_, H_, device=d), _t(B_, H_ + 1, device=d), _t(B_, 5 * H_, device=d)),
-    "gru_workspace_shape": lambda d: ops.gru_cell_backward(_t(B_, H_, device=d),
+    "gru_workspace_shape": lambda d: ops.gru_pointwise_backward(_t(B_, H_, device=d),
                                                            _t(B_, 3 * H_, device=d)),
-    "gru_workspace_1d": lambda d: ops.gru_cell_backward(_t(B_, H_, device=d),
+    "gru_workspace_1d": lambda d: ops.gru_pointwise_backward(_t(B_, H_, device=d),
                                                         _t(5 * H_, device=d)),
-    "rnn_backward_hy_shape": lambda d: ops.rnn_cell_backward(_t(B_, H_, device=d),
+    "rnn_backward_hy_shape": lambda d: ops.rnn_pointwise_backward(_t(B_, H_, device=d),
                                                              _t(B_, H_ + 1, device=d), "tanh"),
-    "rnn_backward_grad_1d": lambda d: ops.rnn_cell_backward(_t(H_, device=d), _t(H_, device=d),
+    "rnn_backward_grad_1d": lambda d: ops.rnn_pointwise_backward(_t(H_, device=d), _t(H_, device=d),
                                                             "relu"),
     # mismatched dtypes
-    "rnn_hg_dtype": lambda d: ops.rnn_cell_forward(
+    "rnn_hg_dtype": lambda d: ops.rnn_pointwise_forward(
         _t(B_, H_, device=d), _t(B_, H_, dtype=torch.float32, device=d), None, None, "tanh"),
-    "lstm_bias_dtype": lambda d: ops.lstm_cell_forward(
+    "lstm_bias_dtype": lambda d: ops.lstm_pointwise_forward(
         _t(B_, 4 * H_, device=d), _t(B_, 4 * H_, device=d),
         _t(4 * H_, dtype=torch.float32, device=d), None, _t(B_, H_, device=d)),
-    "lstm_cx_dtype": lambda d: ops.lstm_cell_forward(
+    "lstm_cx_dtype": lambda d: ops.lstm_pointwise_forward(
         _t(B_, 4 * H_, device=d), _t(B_, 4 * H_, device=d), None, None,
         _t(B_, H_, dtype=torch.float32, device=d)),
-    "gru_hx_dtype": lambda d: ops.gru_cell_forward(
+    "gru_hx_dtype": lambda d: ops.gru_pointwise_forward(
         _t(B_, 3 * H_, dtype=torch.float32, device=d), _t(B_, 3 * H_, dtype=torch.float32,
                                                           device=d), None, None,
         _t(B_, H_, device=d)),
-    "gru_workspace_dtype": lambda d: ops.gru_cell_backward(
+    "gru_workspace_dtype": lambda d: ops.gru_pointwise_backward(
         _t(B_, H_, device=d), _t(B_, 5 * H_, dtype=torch.float32, device=d)),
-    "lstm_grad_cy_dtype": lambda d: ops.lstm_cell_backward(
+    "lstm_grad_cy_dtype": lambda d: ops.lstm_pointwise_backward(
         _t(B_, H_, device=d), _t(B_, H_, dtype=torch.bfloat16, device=d),
         _t(B_, 5 * H_, device=d)),
     # integer dtypes (every argument integer, so only the dtype is wrong)
-    "rnn_int64": lambda d: ops.rnn_cell_forward(_t(B_, H_, dtype=torch.int64, device=d),
+    "rnn_int64": lambda d: ops.rnn_pointwise_forward(_t(B_, H_, dtype=torch.int64, device=d),
                                                 _t(B_, H_, dtype=torch.int64, device=d),
                                                 None, None, "tanh"),
-    "lstm_int32": lambda d: ops.lstm_cell_forward(
+    "lstm_int32": lambda d: ops.lstm_pointwise_forward(
         _t(B_, 4 * H_, dtype=torch.int32, device=d), _t(B_, 4 * H_, dtype=torch.int32, device=d),
         None, None, _t(B_, H_, dtype=torch.int32, device=d)),
-    "gru_int64_backward": lambda d: ops.gru_cell_backward(
+    "gru_int64_backward": lambda d: ops.gru_pointwise_backward(
         _t(B_, H_, dtype=torch.int64, device=d), _t(B_, 5 * H_, dtype=torch.int64, device=d)),
-    "rnn_bool_backward": lambda d: ops.rnn_cell_backward(
+    "rnn_bool_backward": lambda d: ops.rnn_pointwise_backward(
         _t(B_, H_, dtype=torch.bool, device=d), _t(B_, H_, dtype=torch.bool, device=d), "tanh"),
     # widths that are not a multiple of G (or are zero)
-    "lstm_width_not_multiple": lambda d: ops.lstm_cell_forward(
+    "lstm_width_not_multiple": lambda d: ops.lstm_pointwise_forward(
         _t(B_, 4 * H_ + 1, device=d), _t(B_, 4 * H_ + 1, device=d), None, None,
         _t(B_, H_, device=d)),
-    "gru_width_not_multiple": lambda d: ops.gru_cell_forward(
+    "gru_width_not_multiple": lambda d: ops.gru_pointwise_forward(
         _t(B_, 3 * H_ + 2, device=d), _t(B_, 3 * H_ + 2, device=d), None, None,
         _t(B_, H_, device=d)),
-    "lstm_width_zero": lambda d: ops.lstm_cell_forward(
+    "lstm_width_zero": lambda d: ops.lstm_pointwise_forward(
         _t(B_, 0, device=d), _t(B_, 0, device=d), None, None, _t(B_, 0, device=d)),
-    "rnn_width_zero": lambda d: ops.rnn_cell_forward(_t(B_, 0, device=d), _t(B_, 0, device=d),
+    "rnn_width_zero": lambda d: ops.rnn_pointwise_forward(_t(B_, 0, device=d), _t(B_, 0, device=d),
                                                      None, None, "tanh"),
     # unknown nonlinearity
-    "rnn_forward_sigmoid": lambda d: ops.rnn_cell_forward(_t(B_, H_, device=d),
+    "rnn_forward_sigmoid": lambda d: ops.rnn_pointwise_forward(_t(B_, H_, device=d),
                                                           _t(B_, H_, device=d), None, None,
                                                           "sigmoid"),
-    "rnn_backward_sigmoid": lambda d: ops.rnn_cell_backward(_t(B_, H_, device=d),
+    "rnn_backward_sigmoid": lambda d: ops.rnn_pointwise_backward(_t(B_, H_, device=d),
                                                             _t(B_, H_, device=d), "sigmoid"),
-    "rnn_forward_empty_nonlinearity": lambda d: ops.rnn_cell_forward(
+    "rnn_forward_empty_nonlinearity": lambda d: ops.rnn_pointwise_forward(
         _t(B_, H_, device=d), _t(B_, H_, device=d), None, None, ""),
     # inference ops (input [B, 2], w_ih [G*H, 2])
     "rnn_inference_w_ih_cols": lambda d: ops.rnn_cell_inference(
@@ -696,7 +686,7 @@ def test_wrong_arguments_raise_under_autograd(device, kind):
 def test_device_mismatch_raises():
     xg = torch.randn(3, 16, device="cuda")
     with pytest.raises(RuntimeError):
-        ops.lstm_cell_forward(xg, xg.clone(), None, None, torch.randn(3, 4))
+        ops.lstm_pointwise_forward(xg, xg.clone(), None, None, torch.randn(3, 4))
 
 
 # ----------------------------------------------------------------------- non-contiguous inputs

@@ -133,12 +133,12 @@ def dynamo():
 LAYERS = {
     "LSTM-2layers-bidir-batch_first": (
         lambda: rnn_ext.LSTM(I, H, num_layers=2, bidirectional=True, batch_first=True),
-        "rnn_ext.lstm_layer_forward"),
-    "LSTM-proj": (lambda: rnn_ext.LSTM(I, H, proj_size=2), "rnn_ext.lstm_layer_forward"),
+        "rnn_ext.lstm_layer"),
+    "LSTM-proj": (lambda: rnn_ext.LSTM(I, H, proj_size=2), "rnn_ext.lstm_layer"),
     "GRU-2layers-bidir": (lambda: rnn_ext.GRU(I, H, num_layers=2, bidirectional=True),
-                          "rnn_ext.gru_layer_forward"),
+                          "rnn_ext.gru_layer"),
     "RNN-relu": (lambda: rnn_ext.RNN(I, H, nonlinearity="relu"),
-                 "rnn_ext.rnn_layer_forward"),
+                 "rnn_ext.rnn_layer"),
 }
 
 
@@ -165,10 +165,21 @@ def test_compile_layers_fullgraph_with_automatic_dynamic_shapes(dynamo, case):
 
 def test_compile_dynamic_true_and_no_grad(dynamo):
     """dynamic=True: one graph serves every length; under no_grad (no workspace saved) a second
-    graph, with the same values."""
+    graph, with the same values. Dynamo's graphs hold the layer op; AOTAutograd lowers it to
+    the recurrence op and its backward op with grad, to the inference op without."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    lowered: list[set[str]] = []  # the rnn_ext ops of each graph AOTAutograd compiles
+
+    def record(gm, example_inputs):
+        lowered.append({str(n.target) for n in gm.graph.nodes
+                        if n.op == "call_function" and str(n.target).startswith("rnn_ext.")})
+        return make_boxed_func(gm.forward)
+
     torch.manual_seed(0)
     model = rnn_ext.LSTM(I, H, num_layers=2)
-    backend = RecordingBackend()
+    backend = RecordingBackend(aot_autograd(fw_compiler=record, bw_compiler=record))
     compiled = torch.compile(model, fullgraph=True, backend=backend, dynamic=True)
     for steps in (4, 11):
         x = torch.randn(steps, B, I)
@@ -179,8 +190,10 @@ def test_compile_dynamic_true_and_no_grad(dynamo):
         x = torch.randn(6, B, I)
         assert_all_close(flat(compiled(x)), flat(model(x)), 1e-6, "no_grad")
     assert len(backend.graphs) == 2
-    assert backend.ops(0) == {"rnn_ext.lstm_layer_forward"}
-    assert backend.ops(1) == {"rnn_ext.lstm_layer_inference"}
+    assert backend.ops(0) == backend.ops(1) == {"rnn_ext.lstm_layer"}
+    assert lowered == [{"rnn_ext.lstm_recurrence.default"},
+                       {"rnn_ext.lstm_recurrence_backward.default"},
+                       {"rnn_ext.lstm_layer_inference.default"}]
 
 
 def test_compile_packed_sequence(dynamo):
@@ -240,8 +253,8 @@ def test_compile_cells_in_a_python_loop():
     cells = {"rnn_ext.lstm_cell", "rnn_ext.gru_cell", "rnn_ext.rnn_cell"}
     assert backend.ops() == cells
     # lowered to the fused forward ops, and a backward graph of the fused backward ops
-    assert lowered == [{f"rnn_ext.{k}_cell_forward.default" for k in ("lstm", "gru", "rnn")},
-                       {f"rnn_ext.{k}_cell_backward.default" for k in ("lstm", "gru", "rnn")}]
+    assert lowered == [{f"rnn_ext.{k}_pointwise_forward.default" for k in ("lstm", "gru", "rnn")},
+                       {f"rnn_ext.{k}_pointwise_backward.default" for k in ("lstm", "gru", "rnn")}]
     with torch.no_grad():  # a graph of the inference ops, with the same values
         compiled = torch.compile(model, fullgraph=True, backend=backend)
         assert_all_close([compiled(x)], [model(x)], 1e-6, "cells, no_grad")
@@ -265,7 +278,7 @@ def test_compile_follows_the_backend_switch(dynamo):
         rnn_ext.set_backend("extension")
     assert_all_close(flat(compiled(x)), flat(model(x)), 1e-6, "extension backend")
     assert len(backend.graphs) == 2
-    assert backend.ops(0) == {"rnn_ext.gru_layer_forward"} and backend.ops(1) == set()
+    assert backend.ops(0) == {"rnn_ext.gru_layer"} and backend.ops(1) == set()
 
 
 def test_compile_under_autocast(dynamo):
@@ -314,8 +327,8 @@ def test_compile_inductor_forward_backward(dynamo):
             got, want = forward_backward(compiled, model, x), forward_backward(model, model, x)
             assert_all_close(got[0] + got[1], want[0] + want[1], 1e-5, f"T={steps}")
     assert len(backend.graphs) == 1
-    assert {"rnn_ext.lstm_layer_forward", "rnn_ext.gru_layer_forward",
-            "rnn_ext.rnn_layer_forward", "rnn_ext.gru_cell"} <= backend.ops()
+    assert {"rnn_ext.lstm_layer", "rnn_ext.gru_layer",
+            "rnn_ext.rnn_layer", "rnn_ext.gru_cell"} <= backend.ops()
 
 
 def test_torch_nn_lstm_breaks_the_graph_where_rnn_ext_compiles():

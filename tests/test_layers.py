@@ -50,10 +50,10 @@ UNSORTED_LENGTHS = [3, 5, 2]
 
 # mode name -> (torch.nn class, rnn_ext class, extra constructor kwargs, its forward op)
 MODES = {
-    "RNN_TANH": (nn.RNN, rnn_ext.RNN, {"nonlinearity": "tanh"}, "rnn_layer_forward"),
-    "RNN_RELU": (nn.RNN, rnn_ext.RNN, {"nonlinearity": "relu"}, "rnn_layer_forward"),
-    "LSTM": (nn.LSTM, rnn_ext.LSTM, {}, "lstm_layer_forward"),
-    "GRU": (nn.GRU, rnn_ext.GRU, {}, "gru_layer_forward"),
+    "RNN_TANH": (nn.RNN, rnn_ext.RNN, {"nonlinearity": "tanh"}, "rnn_recurrence"),
+    "RNN_RELU": (nn.RNN, rnn_ext.RNN, {"nonlinearity": "relu"}, "rnn_recurrence"),
+    "LSTM": (nn.LSTM, rnn_ext.LSTM, {}, "lstm_recurrence"),
+    "GRU": (nn.GRU, rnn_ext.GRU, {}, "gru_recurrence"),
 }
 FORMS = ("padded", "unbatched", "packed_sorted", "packed_unsorted")
 
@@ -72,7 +72,7 @@ def make_pair(mode: str, dtype=torch.float64, device="cpu", seed=0, **kwargs):
 
 def autograd_node(op: str) -> str:
     """The name of the autograd node (csrc/autograd.cpp's Function) that op `op` puts in the
-    graph: lstm_layer_forward -> ...LstmLayerForward>."""
+    graph: lstm_recurrence -> ...LstmRecurrence>."""
     return "".join(word.capitalize() for word in op.split("_")) + ">"
 
 
@@ -269,11 +269,11 @@ def test_parity_on_devices(mode, device):
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_fused_backward_op_runs(mode):
-    """A plain backward goes through the fused *_layer_backward op, not the reference."""
+    """A plain backward goes through the fused *_recurrence_backward op, not the reference."""
     _, ext = make_pair(mode, input_size=I, hidden_size=H, num_layers=2, bidirectional=True)
     x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
     out, _ = ext(x)
-    op = MODES[mode][3].replace("forward", "backward")
+    op = MODES[mode][3] + "_backward"
     with OpRecorder() as rec:
         out.sum().backward()
     calls = [n for n in rec.names if op in n]
@@ -282,8 +282,8 @@ def test_fused_backward_op_runs(mode):
     with OpRecorder() as rec:
         with torch.no_grad():
             ext(x)
-    assert [n for n in rec.names if "layer_forward" in n] == [], rec.names
-    inference_calls = [n for n in rec.names if MODES[mode][3].replace("forward", "inference") in n]
+    assert [n for n in rec.names if "recurrence" in n] == [], rec.names
+    inference_calls = [n for n in rec.names if MODES[mode][3].replace("recurrence", "layer_inference") in n]
     assert len(inference_calls) == 4, rec.names
 
 
@@ -295,7 +295,7 @@ def test_inference_saves_nothing(mode):
     x = torch.randn(T, B, I, dtype=torch.float64)
     with torch.no_grad(), OpRecorder() as rec:
         out, _ = ext(x)
-    inference_op = MODES[mode][3].replace("forward", "inference")
+    inference_op = MODES[mode][3].replace("recurrence", "layer_inference")
     assert [name for name, _, _ in rec.calls] == [f"rnn_ext.{inference_op}.default"]
     assert out.grad_fn is None
     with OpRecorder() as rec:
@@ -330,7 +330,7 @@ def test_inference_in_chunks_matches_torch_nn(mode, device):
     with torch.no_grad(), OpRecorder() as rec:
         ext_out, ext_hidden = ext(x)
         ref_out, ref_hidden = ref(x)
-    inference_op = MODES[mode][3].replace("forward", "inference")
+    inference_op = MODES[mode][3].replace("recurrence", "layer_inference")
     assert f"rnn_ext.{inference_op}.default" in rec.rnn_ext_ops()
     grad_out, grad_hidden = ext(x)  # the differentiable op: xg whole
     assert_close(ext_out.data, ref_out.data, 1e-10, "output")
@@ -875,12 +875,12 @@ def layer_inputs(kind, bias, proj, batch_sizes, seed=0, dtype=torch.float64, dev
 def call_forward(kind, t, batch_sizes, reverse, save=True):
     """The layer op's differentiable outputs (workspace left out): y, h_n (, c_n)."""
     if kind in ("tanh", "relu"):
-        return tuple(ops.rnn_layer_forward(t["xg"], t["w_hh"], t["b_hh"], t["h0"], batch_sizes,
+        return tuple(ops.rnn_recurrence(t["xg"], t["w_hh"], t["b_hh"], t["h0"], batch_sizes,
                                            reverse, kind))
     if kind == "lstm":
-        return tuple(ops.lstm_layer_forward(t["xg"], t["w_hh"], t["b_hh"], t["w_hr"], t["h0"],
+        return tuple(ops.lstm_recurrence(t["xg"], t["w_hh"], t["b_hh"], t["w_hr"], t["h0"],
                                             t["c0"], batch_sizes, reverse, save)[:3])
-    return tuple(ops.gru_layer_forward(t["xg"], t["w_hh"], t["b_hh"], t["h0"], batch_sizes,
+    return tuple(ops.gru_recurrence(t["xg"], t["w_hh"], t["b_hh"], t["h0"], batch_sizes,
                                        reverse, save)[:2])
 
 
@@ -937,8 +937,9 @@ def test_differentiable_backward_matches_fused_backward(case, reverse):
     grads = [torch.randn_like(o) for o in outputs]
     fused = dict(zip(present, torch.autograd.grad(outputs, [t[n] for n in present], grads)))
     names = [n for n in NAMES if kind == "lstm" or n not in ("w_hr", "c0")]
-    step = {"tanh": "rnn_tanh", "relu": "rnn_relu"}.get(kind, kind) + "_layer_forward"
-    found = ops.differentiable_backward(step, [t[n] for n in names], grads, batch_sizes, reverse)
+    mode = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}.get(kind, kind.upper())
+    found = ops.differentiable_backward("recurrence", mode, [t[n] for n in names], grads,
+                                        batch_sizes, reverse)
     for name, got in zip(names, found, strict=True):
         if t[name] is None:
             assert got.numel() == 0, name
@@ -950,13 +951,13 @@ def test_differentiable_backward_matches_fused_backward(case, reverse):
 def call_backward(kind, t, y, workspace, gy, gh, gc, batch_sizes, reverse):
     """The layer backward op, its results by the name of the input they belong to."""
     if kind in ("tanh", "relu"):
-        got = ops.rnn_layer_backward(gy, gh, t["w_hh"], t["h0"], y, batch_sizes, reverse, kind)
+        got = ops.rnn_recurrence_backward(gy, gh, t["w_hh"], t["h0"], y, batch_sizes, reverse, kind)
         return dict(zip(["xg", "w_hh", "b_hh", "h0"], got))
     if kind == "lstm":
-        got = ops.lstm_layer_backward(gy, gh, gc, t["w_hh"], t["w_hr"], t["h0"], y, workspace,
+        got = ops.lstm_recurrence_backward(gy, gh, gc, t["w_hh"], t["w_hr"], t["h0"], y, workspace,
                                       batch_sizes, reverse)
         return dict(zip(["xg", "w_hh", "b_hh", "h0", "c0", "w_hr"], got))
-    got = ops.gru_layer_backward(gy, gh, t["w_hh"], t["h0"], y, workspace, batch_sizes, reverse)
+    got = ops.gru_recurrence_backward(gy, gh, t["w_hh"], t["h0"], y, workspace, batch_sizes, reverse)
     return dict(zip(["xg", "w_hh", "b_hh", "h0"], got))
 
 
@@ -972,10 +973,10 @@ def test_layer_backward_ops_accept_inputs_that_require_grad(case):
         outs = call_forward(kind, t, batch_sizes, False)
         workspace = None
         if kind == "lstm":
-            workspace = ops.lstm_layer_forward(t["xg"], t["w_hh"], t["b_hh"], t["w_hr"],
+            workspace = ops.lstm_recurrence(t["xg"], t["w_hh"], t["b_hh"], t["w_hr"],
                                                t["h0"], t["c0"], batch_sizes, False, True)[3]
         elif kind == "gru":
-            workspace = ops.gru_layer_forward(t["xg"], t["w_hh"], t["b_hh"], t["h0"],
+            workspace = ops.gru_recurrence(t["xg"], t["w_hh"], t["b_hh"], t["h0"],
                                               batch_sizes, False, True)[2]
     grads = [torch.randn_like(o) for o in outs] + [None] * (3 - len(outs))
     want = call_backward(kind, t, outs[0], workspace, *grads, batch_sizes, False)
@@ -1002,16 +1003,16 @@ def test_layer_ops_against_reference(case, reverse, bs):
 
     with torch.no_grad():
         if kind in ("tanh", "relu"):
-            y, h_n = ops.rnn_layer_forward(t["xg"], t["w_hh"], t["b_hh"], t["h0"], batch_sizes,
+            y, h_n = ops.rnn_recurrence(t["xg"], t["w_hh"], t["b_hh"], t["h0"], batch_sizes,
                                            reverse, kind)
             c_n = workspace = None
         elif lstm:
-            y, h_n, c_n, workspace = ops.lstm_layer_forward(
+            y, h_n, c_n, workspace = ops.lstm_recurrence(
                 t["xg"], t["w_hh"], t["b_hh"], t["w_hr"], t["h0"], t["c0"], batch_sizes,
                 reverse, True)
             assert workspace.shape == (int(batch_sizes.sum()), 5 * OP_H)
         else:
-            y, h_n, workspace = ops.gru_layer_forward(t["xg"], t["w_hh"], t["b_hh"], t["h0"],
+            y, h_n, workspace = ops.gru_recurrence(t["xg"], t["w_hh"], t["b_hh"], t["h0"],
                                                       batch_sizes, reverse, True)
             c_n = None
             assert workspace.shape == (int(batch_sizes.sum()), 5 * OP_H)
@@ -1059,14 +1060,14 @@ def test_opcheck_layer_forward(case, reverse):
                 if v is not None:
                     v.requires_grad_(True)
         if kind in ("tanh", "relu"):
-            op, args = ops.rnn_layer_forward.default, (
+            op, args = ops.rnn_recurrence.default, (
                 t["xg"], t["w_hh"], t["b_hh"], t["h0"], batch_sizes, reverse, kind)
         elif kind == "lstm":
-            op, args = ops.lstm_layer_forward.default, (
+            op, args = ops.lstm_recurrence.default, (
                 t["xg"], t["w_hh"], t["b_hh"], t["w_hr"], t["h0"], t["c0"], batch_sizes,
                 reverse, save)
         else:
-            op, args = ops.gru_layer_forward.default, (
+            op, args = ops.gru_recurrence.default, (
                 t["xg"], t["w_hh"], t["b_hh"], t["h0"], batch_sizes, reverse, save)
         torch.library.opcheck(op, args)
 
@@ -1079,27 +1080,27 @@ def test_opcheck_layer_backward(case, reverse):
     t = layer_inputs(kind, bias, proj, batch_sizes)
     g = torch.Generator().manual_seed(4)
     if kind in ("tanh", "relu"):
-        y, h_n = ops.rnn_layer_forward(t["xg"], t["w_hh"], t["b_hh"], t["h0"], batch_sizes,
+        y, h_n = ops.rnn_recurrence(t["xg"], t["w_hh"], t["b_hh"], t["h0"], batch_sizes,
                                        reverse, kind)
         args = (torch.randn(y.shape, generator=g, dtype=y.dtype),
                 torch.randn(h_n.shape, generator=g, dtype=y.dtype),
                 t["w_hh"], t["h0"], y, batch_sizes, reverse, kind)
-        torch.library.opcheck(ops.rnn_layer_backward.default, args)
+        torch.library.opcheck(ops.rnn_recurrence_backward.default, args)
     elif kind == "lstm":
-        y, h_n, c_n, ws = ops.lstm_layer_forward(t["xg"], t["w_hh"], t["b_hh"], t["w_hr"],
+        y, h_n, c_n, ws = ops.lstm_recurrence(t["xg"], t["w_hh"], t["b_hh"], t["w_hr"],
                                                  t["h0"], t["c0"], batch_sizes, reverse, True)
         args = (torch.randn(y.shape, generator=g, dtype=y.dtype),
                 torch.randn(h_n.shape, generator=g, dtype=y.dtype),
                 torch.randn(c_n.shape, generator=g, dtype=y.dtype),
                 t["w_hh"], t["w_hr"], t["h0"], y, ws, batch_sizes, reverse)
-        torch.library.opcheck(ops.lstm_layer_backward.default, args)
+        torch.library.opcheck(ops.lstm_recurrence_backward.default, args)
     else:
-        y, h_n, ws = ops.gru_layer_forward(t["xg"], t["w_hh"], t["b_hh"], t["h0"], batch_sizes,
+        y, h_n, ws = ops.gru_recurrence(t["xg"], t["w_hh"], t["b_hh"], t["h0"], batch_sizes,
                                            reverse, True)
         args = (torch.randn(y.shape, generator=g, dtype=y.dtype),
                 torch.randn(h_n.shape, generator=g, dtype=y.dtype),
                 t["w_hh"], t["h0"], y, ws, batch_sizes, reverse)
-        torch.library.opcheck(ops.gru_layer_backward.default, args)
+        torch.library.opcheck(ops.gru_recurrence_backward.default, args)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -1176,7 +1177,7 @@ def call_inference(kind, a, reverse):
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("case", LAYER_KINDS, ids=kind_id)
 def test_layer_inference_ops_against_forward_ops(case, reverse, bs):
-    """*_layer_inference(x, w_ih, b_ih, ...) gives what *_layer_forward gives on
+    """*_layer_inference(x, w_ih, b_ih, ...) gives what *_recurrence gives on
     xg = x @ w_ihᵀ + b_ih (the inference op's pointwise step adds b_ih instead)."""
     kind, bias, proj = case
     a = inference_inputs(kind, bias, proj, torch.tensor(bs))
@@ -1222,7 +1223,7 @@ def _lstm_fwd(**override):
     args = dict(xg=t["xg"], w_hh=t["w_hh"], b_hh=t["b_hh"], w_hr=t["w_hr"], h0=t["h0"],
                 c0=t["c0"], batch_sizes=bs, reverse=False, save_workspace=True)
     args.update(override)
-    return lambda: ops.lstm_layer_forward(*args.values())
+    return lambda: ops.lstm_recurrence(*args.values())
 
 
 def _rnn_fwd(**override):
@@ -1231,7 +1232,7 @@ def _rnn_fwd(**override):
     args = dict(xg=t["xg"], w_hh=t["w_hh"], b_hh=t["b_hh"], h0=t["h0"], batch_sizes=bs,
                 reverse=False, nonlinearity="tanh")
     args.update(override)
-    return lambda: ops.rnn_layer_forward(*args.values())
+    return lambda: ops.rnn_recurrence(*args.values())
 
 
 def _gru_fwd(**override):
@@ -1240,7 +1241,7 @@ def _gru_fwd(**override):
     args = dict(xg=t["xg"], w_hh=t["w_hh"], b_hh=t["b_hh"], h0=t["h0"], batch_sizes=bs,
                 reverse=False, save_workspace=True)
     args.update(override)
-    return lambda: ops.gru_layer_forward(*args.values())
+    return lambda: ops.gru_recurrence(*args.values())
 
 
 def _inference(kind="lstm", **override):
@@ -1275,7 +1276,7 @@ def _inference_cases():
 def _backward_calls():
     bs = torch.tensor([3, 3, 2, 1])
     t = layer_inputs("lstm", True, True, bs)
-    y, h_n, c_n, ws = ops.lstm_layer_forward(t["xg"], t["w_hh"], t["b_hh"], t["w_hr"], t["h0"],
+    y, h_n, c_n, ws = ops.lstm_recurrence(t["xg"], t["w_hh"], t["b_hh"], t["w_hr"], t["h0"],
                                              t["c0"], bs, False, True)
     base = dict(grad_y=torch.ones_like(y), grad_h_n=torch.ones_like(h_n),
                 grad_c_n=torch.ones_like(c_n), w_hh=t["w_hh"], w_hr=t["w_hr"], h0=t["h0"], y=y,
@@ -1284,25 +1285,25 @@ def _backward_calls():
     def lstm_bwd(**override):
         args = dict(base)
         args.update(override)
-        return lambda: ops.lstm_layer_backward(*args.values())
+        return lambda: ops.lstm_recurrence_backward(*args.values())
 
     g = layer_inputs("gru", True, False, bs)
-    gy, gh, gws = ops.gru_layer_forward(g["xg"], g["w_hh"], g["b_hh"], g["h0"], bs, False, True)
+    gy, gh, gws = ops.gru_recurrence(g["xg"], g["w_hh"], g["b_hh"], g["h0"], bs, False, True)
 
     def gru_bwd(**override):
         args = dict(grad_y=torch.ones_like(gy), grad_h_n=torch.ones_like(gh), w_hh=g["w_hh"],
                     h0=g["h0"], y=gy, workspace=gws, batch_sizes=bs, reverse=False)
         args.update(override)
-        return lambda: ops.gru_layer_backward(*args.values())
+        return lambda: ops.gru_recurrence_backward(*args.values())
 
     r = layer_inputs("relu", True, False, bs)
-    ry, rh = ops.rnn_layer_forward(r["xg"], r["w_hh"], r["b_hh"], r["h0"], bs, False, "relu")
+    ry, rh = ops.rnn_recurrence(r["xg"], r["w_hh"], r["b_hh"], r["h0"], bs, False, "relu")
 
     def rnn_bwd(**override):
         args = dict(grad_y=torch.ones_like(ry), grad_h_n=torch.ones_like(rh), w_hh=r["w_hh"],
                     h0=r["h0"], y=ry, batch_sizes=bs, reverse=False, nonlinearity="relu")
         args.update(override)
-        return lambda: ops.rnn_layer_backward(*args.values())
+        return lambda: ops.rnn_recurrence_backward(*args.values())
 
     return {
         "lstm_bwd-bad-workspace": (lstm_bwd(workspace=ws[:, :-1]), "workspace"),
@@ -1399,7 +1400,7 @@ def test_validation_baseline_calls_succeed():
     _inference("tanh")()
     bs = torch.tensor([3, 3, 2, 1])
     t = layer_inputs("lstm", True, True, bs)
-    y, h_n, c_n, ws = ops.lstm_layer_forward(t["xg"], t["w_hh"], t["b_hh"], t["w_hr"], t["h0"],
+    y, h_n, c_n, ws = ops.lstm_recurrence(t["xg"], t["w_hh"], t["b_hh"], t["w_hr"], t["h0"],
                                              t["c0"], bs, False, True)
-    ops.lstm_layer_backward(torch.ones_like(y), torch.ones_like(h_n), torch.ones_like(c_n),
+    ops.lstm_recurrence_backward(torch.ones_like(y), torch.ones_like(h_n), torch.ones_like(c_n),
                             t["w_hh"], t["w_hr"], t["h0"], y, ws, bs, False)

@@ -90,14 +90,27 @@ def _random_batch_sizes(rng: random.Random, batch: int) -> list[int]:
     return [batch] + sorted((rng.randint(0, batch) for _ in range(steps - 1)), reverse=True)
 
 
+def _op_parts(name: str) -> tuple[str, str, str]:
+    """(family, kind, direction) of a device op: kind 'cell' (the pointwise and cell inference
+    ops) or 'layer' (the recurrence and layer inference ops); direction 'forward', 'backward'
+    or 'inference'."""
+    family, rest = name.split("_", 1)
+    return (family, *{"pointwise_forward": ("cell", "forward"),
+                      "pointwise_backward": ("cell", "backward"),
+                      "cell_inference": ("cell", "inference"),
+                      "recurrence": ("layer", "forward"),
+                      "recurrence_backward": ("layer", "backward"),
+                      "layer_inference": ("layer", "inference")}[rest])
+
+
 def valid_args(name: str, rng: random.Random, dtype: torch.dtype, device: str = "cpu") -> dict:
     """A random, small, valid argument set of op `name` (shapes of csrc/registration.cpp),
     in schema order, its tensors on `device` (batch_sizes on the CPU, as PackedSequence's)."""
     if name == "differentiable_backward":
         return _differentiable_backward_args(rng, dtype, device)
-    if name.endswith("_cell"):  # a whole-cell op: the inference op's arguments
+    if name.endswith(("_cell", "_layer")):  # a composite op: the inference op's arguments
         return valid_args(f"{name}_inference", rng, dtype, device)
-    family, kind, direction = name.split("_")
+    family, kind, direction = _op_parts(name)
     G, S = GATES[family], SAVED[family]
     H = rng.randint(1, 5)
 
@@ -177,24 +190,23 @@ def valid_args(name: str, rng: random.Random, dtype: torch.dtype, device: str = 
 def _differentiable_backward_args(rng: random.Random, dtype: torch.dtype, device: str) -> dict:
     """differentiable_backward's: a differentiable op, valid inputs of it (requiring grad) and
     random gradients of its differentiable outputs."""
-    op = rng.choice(("rnn", "lstm", "gru")) + rng.choice(("_cell_forward", "_layer_forward",
-                                                          "_cell"))
-    args = valid_args(op, rng, dtype, device)
-    grads = [torch.randn_like(o) for o in reference_outputs(op, args)]
+    family, op = rng.choice(("rnn", "lstm", "gru")), rng.choice(("cell", "recurrence"))
+    args = valid_args(f"{family}_{op}", rng, dtype, device)
+    grads = [torch.randn_like(o) for o in reference_outputs(f"{family}_{op}", args)]
     nonlinearity = args.pop("nonlinearity", None)
     batch_sizes, reverse = args.pop("batch_sizes", None), args.pop("reverse", False)
     args.pop("save_workspace", None)
-    step = op.replace("rnn", f"rnn_{nonlinearity}", 1) if nonlinearity else op
-    return {"step": step,
+    mode = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}[nonlinearity] if nonlinearity else family.upper()
+    return {"op": op, "mode": mode,
             "inputs": [None if t is None else t.requires_grad_(True) for t in args.values()],
             "grads": grads, "batch_sizes": batch_sizes, "reverse": reverse}
 
 
 def reference_outputs(name: str, a: dict) -> tuple:
     """What rnn_ext.reference computes for forward op `name` (its state outputs only)."""
-    if name.endswith("_cell"):
+    if name.endswith(("_cell", "_layer")):
         name += "_inference"
-    family, kind, direction = name.split("_")
+    family, kind, direction = _op_parts(name)
     if kind == "cell" and direction == "inference":  # the forward op's arguments, from ATen GEMMs
         a = dict(xg=a["input"] @ a["w_ih"].t(), hg=a["hx"] @ a["w_hh"].t(), b_ih=a["b_ih"],
                  b_hh=a["b_hh"], cx=a.get("cx"), hx=a["hx"], nonlinearity=a.get("nonlinearity"))
@@ -556,7 +568,8 @@ def fuzz_main(seed: int, calls: int, seconds: float, device: str = "cpu") -> int
         call = Call(name, valid_args(name, rng, dtype, device), kw=rng.random() < 0.2,
                     device=device)
         inference = name.endswith("inference")  # a forward without a backward
-        forward = name.endswith(("forward", "_cell")) or inference
+        differentiable = name.endswith(("_recurrence", "_cell", "_layer"))  # an autograd node
+        forward = differentiable or inference or name.endswith("_pointwise_forward")
         if rng.random() < 0.25:  # ------------------------------------------------ valid
             stats["valid"][name] += 1
             form = rng.randrange(3)
@@ -568,7 +581,7 @@ def fuzz_main(seed: int, calls: int, seconds: float, device: str = "cpu") -> int
                 contiguous = {k: v.contiguous() if isinstance(v, torch.Tensor) else v
                               for k, v in nc.items()}
                 call.args = nc
-            grad = forward and not inference and form == 2
+            grad = differentiable and form == 2
             if grad:
                 if "save_workspace" in call.args:
                     call.args["save_workspace"] = True
@@ -703,7 +716,7 @@ def test_fuzz_raw_ops_raise_and_never_crash(device):
     print(f"fuzz ({device}, seed {seed}): {summary['calls']} calls in {summary['seconds']} s, "
           f"raised {summary['raised']}, {summary['returned_may']} tolerated returns")
     names = op_names()
-    assert len(names) == 22, names
+    assert len(names) == 25, names
     assert set(summary["valid"]) == set(names)
     # every op was exercised both ways (the budget is time-bounded, e.g. under sanitizers)
     assert min(summary["valid"].values()) >= 3, summary
@@ -946,11 +959,11 @@ def test_relu_backward_passes_gradient_through_nan_like_torch(dtype, device):
                       dtype=dtype, device=device)
     grad = torch.tensor([[2.0, 3.0, 4.0, 5.0, 6.0, 7.0]], dtype=dtype, device=device)
     want = torch.ops.aten.threshold_backward(grad, hy, 0)
-    assert_close(ops.rnn_cell_backward(grad, hy, "relu"), want, 0, "rnn_cell_backward relu")
-    g_xg = ops.rnn_layer_backward(grad, torch.zeros_like(grad), torch.eye(6, dtype=dtype,
+    assert_close(ops.rnn_pointwise_backward(grad, hy, "relu"), want, 0, "rnn_pointwise_backward relu")
+    g_xg = ops.rnn_recurrence_backward(grad, torch.zeros_like(grad), torch.eye(6, dtype=dtype,
                                   device=device), torch.zeros_like(grad), hy,
                                   torch.tensor([1]), False, "relu")[0]
-    assert_close(g_xg, want, 0, "rnn_layer_backward relu")
+    assert_close(g_xg, want, 0, "rnn_recurrence_backward relu")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -1067,7 +1080,7 @@ def test_gradients_flow_when_only_hx_requires_grad(name, which):
 @pytest.mark.parametrize("name", list(MODULES))
 def test_no_saved_state_without_grad(name, context):
     """Without grad the modules run the *_inference ops, which save nothing and have no
-    backward, and no output carries a graph; with grad the layers' *_layer_forward ops save
+    backward, and no output carries a graph; with grad the layers' *_recurrence ops save
     their workspace."""
     kw = {} if is_cell(name) else dict(num_layers=2, bidirectional=True)
     _, ext = make_pair(name, **kw)
@@ -1084,10 +1097,10 @@ def test_no_saved_state_without_grad(name, context):
         assert all(o.is_inference() for o in outs)
     ops_called = [f for f, _, _ in rec.calls]
     assert len(ops_called) == (1 if is_cell(name) else 4), ops_called
-    if is_cell(name) and context == "inference_mode":
-        # Inference mode skips the autograd keys, so the dispatch mode sees the whole-cell op
+    if context == "inference_mode":
+        # Inference mode skips the autograd keys, so the dispatch mode sees the composite op
         # before it decomposes (into the inference op: grad mode is off, as under no_grad).
-        assert ops_called[0].endswith("_cell.default"), ops_called
+        assert all(f.endswith(("_cell.default", "_layer.default")) for f in ops_called), ops_called
     else:
         assert all("_inference" in f for f in ops_called), ops_called
 
@@ -1096,7 +1109,7 @@ def test_no_saved_state_without_grad(name, context):
         outs = flatten(ext(x, hx))
     assert all(o.grad_fn is not None for o in outs)
     for func, args, result in rec.calls:
-        if "layer_forward" in func and ("lstm" in func or "gru" in func):
+        if "recurrence" in func and ("lstm" in func or "gru" in func):
             assert args[-1] is True and result[-1].shape[0] == result[0].shape[0], func
 
 
@@ -1206,7 +1219,7 @@ def test_property_layers_match_reference_and_torch_nn(cfg, backends):
     with OpRecorder() as rec:
         got = run(ext, x, hx, wrap=wrap)
     if cfg["B"] > 0 or cfg["form"] == "unbatched":
-        assert any("layer_forward" in f for f, _, _ in rec.calls)  # the fused ops ran
+        assert any("recurrence" in f for f, _, _ in rec.calls)  # the fused ops ran
     _assert_all_close(got, want, "extension vs torch.nn")
     with OpRecorder() as rec:
         got_ref = backends("reference", lambda: run(ext, x, hx, wrap=wrap))
@@ -1234,7 +1247,7 @@ def test_property_cells_match_reference_and_torch_nn(cfg, backends):
     want = run(ref, x, hx)
     with OpRecorder() as rec:
         got = run(ext, x, hx)
-    assert any("cell_forward" in f for f, _, _ in rec.calls)  # the fused op ran
+    assert any("pointwise_forward" in f for f, _, _ in rec.calls)  # the fused op ran
     _assert_all_close(got, want, "extension vs torch.nn")
     with OpRecorder() as rec:
         got_ref = backends("reference", lambda: run(ext, x, hx))

@@ -61,7 +61,6 @@ class PackedWeight {
   // out [m, n] (row stride ldo) = beta * out + x [m, k] (row stride ldx) @ B, for the m it was
   // packed for.
   void multiply(const float* x, int64_t ldx, float* out, int64_t ldo, float beta = 0) const;
-  int64_t rows() const { return m_; }
 
  private:
   PackedWeight(float* buffer, size_t bytes, int64_t m, int64_t n, int64_t k)

@@ -1,7 +1,7 @@
 // CPU kernels. The pointwise step splits rows over threads; the units of a row run in a loop
 // that the compiler vectorises (the gate math is branch-free, see cell_math.h). GEMMs call BLAS
 // directly (blas.h). A layer's steps, forward and backward, run fused in one parallel region
-// (CpuStepWeights says how the threads split the work): each thread multiplies its rows of
+// (StepSplit says how the threads split the work): each thread multiplies its rows of
 // h_prev, or h_prev by its slice of w_hh, and runs the pointwise math of that part while its
 // gates are in its cache.
 #include <algorithm>
@@ -124,27 +124,40 @@ void gemm_cpu(DataType type, MatrixRef out, MatrixRef a, MatrixRef b, bool trans
 
 // ---- fused steps ----
 
+// How a layer's fused steps split the work over threads, each thread with its own part.
+enum class StepSplit {
+  // No split: each step runs unfused, the whole GEMM, then the pointwise step (each parallel on
+  // its own). For a packed sequence's shrinking batch, types without a BLAS, a weight too large
+  // for the row split in the backward.
+  kUnfused,
+  // By rows (forward and backward): batch rows are independent sequences, so each thread runs
+  // its `rows_per_part` rows through every step on its own, with no barrier between steps.
+  // Where w_hh fits a core's cache.
+  kByRows,
+  // By units (forward, float32): a thread's units [begin, end) and the G gate rows of w_hh that
+  // compute them (rows g*H + [begin, end) for every g), gathered and packed as one
+  // [G*units, P] matrix: one GEMM per thread and step writes that block's gates, in a blocked
+  // hg layout (see fused_block_step); a barrier ends each step, since the next reads every unit.
+  kByUnits,
+};
+
 struct CpuStepWeights final : StepWeights {
   Tensor weight;  // [G*H, P], contiguous
   int64_t gates = 0, batch = 0;
-  // Fused steps split the work one of two ways, each thread with its own part:
-  // - by rows (forward and backward; `rows_per_part` > 0): batch rows are independent
-  //   sequences, so each thread runs its rows through every step on its own, with no barrier
-  //   between steps. In float32 all threads share one packed w_hh (`by_rows`: w_hhᵀ for the
-  //   forward, w_hh for the backward, packed for `rows_per_part` rows); other types call BLAS
-  //   per part. Used where w_hh fits a core's cache.
-  // - by units: a thread's units [begin, end) and the G gate rows of w_hh that compute them
-  //   (rows g*H + [begin, end) for every g), gathered and packed as one [G*units, P] matrix:
-  //   one GEMM per thread and step writes that block's gates, in a blocked hg layout (see
-  //   fused_block_step); a barrier ends each step, since the next reads every unit.
+  StepSplit split = StepSplit::kUnfused;
+  // kByRows: rows per thread, and in float32 the one packed w_hh all threads share (w_hhᵀ for
+  // the forward, w_hh for the backward, packed for `rows_per_part` rows); other types call BLAS
+  // per part.
   int64_t rows_per_part = 0;
   std::unique_ptr<cpu::PackedWeight> by_rows;
+  // kByUnits: each thread's block of units and its packed rows of w_hh.
   struct Block {
     int64_t begin = 0, end = 0;
     std::unique_ptr<cpu::PackedWeight> rows;
   };
-  std::vector<Block> blocks;  // forward, by units (no row split, no blocks: steps run unfused)
-  std::unique_ptr<cpu::PackedWeight> backward;  // backward, unsplit: w_hh packed for `batch`
+  std::vector<Block> blocks;
+  // kUnfused backward, float32: w_hh packed for `batch` rows.
+  std::unique_ptr<cpu::PackedWeight> backward;
 };
 
 // The largest w_hh (bytes) split by rows: every thread reads all of it each step, so it must
@@ -153,39 +166,32 @@ constexpr int64_t kRowSplitWeightBytes = int64_t{1} << 20;
 // The fewest rows per thread for the row split: fewer make the GEMM bound by reading w_hh.
 constexpr int64_t kRowSplitMinRows = 16;
 
-std::unique_ptr<StepWeights> prepare_step_cpu(CellKind kind, StepPass pass, const Tensor& w_hh,
-                                              int64_t batch) {
-  auto prepared = std::make_unique<CpuStepWeights>();
-  prepared->weight = w_hh.contiguous();
-  prepared->gates = gates_per_unit(kind);
-  prepared->batch = batch;
-  const int64_t G = prepared->gates, H = w_hh.size(0) / G, P = w_hh.size(1);
-  const at::ScalarType dtype = w_hh.scalar_type();
-  if (batch == 0 || !cpu::blas_supports(dtype)) return prepared;
-  const int64_t work = batch * G * H * P;
-  const int64_t threads = work < cpu::kSerialGemmWork ? 1 : at::get_num_threads();
-  if (threads > 1 && batch % threads == 0 && batch / threads >= kRowSplitMinRows &&
-      G * H * P * w_hh.element_size() <= kRowSplitWeightBytes) {
-    const int64_t rows = batch / threads;
-    if (dtype != at::kFloat) {
-      prepared->rows_per_part = rows;
-      return prepared;
-    }
-    const float* w = prepared->weight.const_data_ptr<float>();
-    prepared->by_rows = pass == StepPass::kForward
-                            ? cpu::PackedWeight::pack(w, G * H, P, P, rows, /*transposed=*/true)
-                            : cpu::PackedWeight::pack(w, P, G * H, P, rows, /*transposed=*/false);
-    if (prepared->by_rows) {
-      prepared->rows_per_part = rows;
-      return prepared;
-    }
+// The row split over `threads` threads, where it pays (see kRowSplitWeightBytes,
+// kRowSplitMinRows) and, in float32, its weight packs. Returns whether it was chosen.
+bool prepare_row_split(CpuStepWeights& w, StepPass pass, int64_t threads) {
+  const int64_t GH = w.weight.size(0), P = w.weight.size(1);
+  const bool pays = threads > 1 && w.batch % threads == 0 &&
+                    w.batch / threads >= kRowSplitMinRows &&
+                    GH * P * w.weight.element_size() <= kRowSplitWeightBytes;
+  if (!pays) return false;
+  const int64_t rows = w.batch / threads;
+  if (w.weight.scalar_type() == at::kFloat) {
+    const float* data = w.weight.const_data_ptr<float>();
+    w.by_rows = pass == StepPass::kForward
+                    ? cpu::PackedWeight::pack(data, GH, P, P, rows, /*transposed=*/true)
+                    : cpu::PackedWeight::pack(data, P, GH, P, rows, /*transposed=*/false);
+    if (!w.by_rows) return false;
   }
-  if (dtype != at::kFloat) return prepared;
-  const float* w = prepared->weight.const_data_ptr<float>();
-  if (pass == StepPass::kBackward) {
-    prepared->backward = cpu::PackedWeight::pack(w, P, G * H, P, batch, /*transposed=*/false);
-    return prepared;
-  }
+  w.split = StepSplit::kByRows;
+  w.rows_per_part = rows;
+  return true;
+}
+
+// The unit split (float32 forward) over up to `threads` blocks of at least 16 units. Returns
+// whether it was chosen (every block's rows packed).
+bool prepare_unit_split(CpuStepWeights& w, int64_t threads) {
+  const int64_t G = w.gates, H = w.weight.size(0) / G, P = w.weight.size(1);
+  const float* data = w.weight.const_data_ptr<float>();
   const int64_t count = std::clamp<int64_t>(threads, 1, std::max<int64_t>(1, H / 16));
   for (int64_t k = 0; k < count; ++k) {
     CpuStepWeights::Block block;
@@ -193,13 +199,40 @@ std::unique_ptr<StepWeights> prepare_step_cpu(CellKind kind, StepPass pass, cons
     block.end = H * (k + 1) / count;
     std::vector<int64_t> gate_rows;  // where each gate's rows of this block start in w_hh
     for (int64_t g = 0; g < G; ++g) gate_rows.push_back(g * H + block.begin);
-    block.rows = cpu::PackedWeight::pack_slabs(w, gate_rows, block.end - block.begin, P, P, batch);
+    block.rows =
+        cpu::PackedWeight::pack_slabs(data, gate_rows, block.end - block.begin, P, P, w.batch);
     if (!block.rows) {
-      prepared->blocks.clear();
-      return prepared;
+      w.blocks.clear();
+      return false;
     }
-    prepared->blocks.push_back(std::move(block));
+    w.blocks.push_back(std::move(block));
   }
+  w.split = StepSplit::kByUnits;
+  return true;
+}
+
+// Chooses the split of a layer's steps: by rows where it pays, else (float32) by units in the
+// forward and a packed weight for the unfused backward, else unfused.
+std::unique_ptr<StepWeights> prepare_step_cpu(CellKind kind, StepPass pass, const Tensor& w_hh,
+                                              int64_t batch) {
+  auto prepared = std::make_unique<CpuStepWeights>();
+  CpuStepWeights& w = *prepared;
+  w.weight = w_hh.contiguous();
+  w.gates = gates_per_unit(kind);
+  w.batch = batch;
+  const at::ScalarType dtype = w_hh.scalar_type();
+  if (batch == 0 || !cpu::blas_supports(dtype)) return prepared;
+  const int64_t work = batch * w_hh.size(0) * w_hh.size(1);
+  const int64_t threads = work < cpu::kSerialGemmWork ? 1 : at::get_num_threads();
+  if (prepare_row_split(w, pass, threads)) return prepared;
+  if (dtype != at::kFloat) return prepared;
+  if (pass == StepPass::kBackward) {
+    const int64_t GH = w_hh.size(0), P = w_hh.size(1);
+    w.backward = cpu::PackedWeight::pack(w.weight.const_data_ptr<float>(), P, GH, P, batch,
+                                         /*transposed=*/false);
+    return prepared;
+  }
+  prepare_unit_split(w, threads);
   return prepared;
 }
 
@@ -331,7 +364,7 @@ void by_runs(int64_t count, const Fusable& fusable, const Fused& fused, const Un
 // barriers. Split by units, the next step reads every unit: a barrier per step.
 void fused_steps(CellKind kind, DataType type, const CpuStepWeights& w, const ForwardStep* steps,
                  int64_t first, int64_t last) {
-  if (w.rows_per_part > 0) {
+  if (w.split == StepSplit::kByRows) {
     return run_parts(w.batch / w.rows_per_part, first, last, false, [&](int64_t part, int64_t t) {
       fused_rows_step(kind, type, w, steps[t], part * w.rows_per_part);
     });
@@ -348,7 +381,7 @@ void forward_steps_cpu(CellKind kind, DataType type, const StepWeights& step_wei
   by_runs(
       count,
       [&](int64_t i) {
-        return (w.rows_per_part > 0 || !w.blocks.empty()) && steps[i].p.rows == w.batch;
+        return w.split != StepSplit::kUnfused && steps[i].p.rows == w.batch;
       },
       [&](int64_t first, int64_t last) { fused_steps(kind, type, w, steps, first, last); },
       [&](int64_t i) { unfused_step(kind, type, w, steps[i]); });
@@ -390,14 +423,24 @@ void backward_steps_cpu(CellKind kind, DataType type, const StepWeights& step_we
                         const BackwardStep* steps, int64_t count) {
   const auto& w = static_cast<const CpuStepWeights&>(step_weights);
   by_runs(
-      count, [&](int64_t i) { return w.rows_per_part > 0 && steps[i].p.rows == w.batch; },
+      count,
+      [&](int64_t i) { return w.split == StepSplit::kByRows && steps[i].p.rows == w.batch; },
       [&](int64_t first, int64_t last) { fused_backward_steps(kind, type, w, steps, first, last); },
       [&](int64_t i) { unfused_backward_step(kind, type, w, steps[i]); });
 }
 
-const bool registered = register_device_kernels(
-    c10::DeviceType::CPU, {forward_cpu, backward_cpu, gemm_cpu, prepare_step_cpu, forward_steps_cpu,
-                           backward_steps_cpu});
+DeviceKernels cpu_kernels() {
+  DeviceKernels k;
+  k.forward = forward_cpu;
+  k.backward = backward_cpu;
+  k.gemm = gemm_cpu;
+  k.prepare_step = prepare_step_cpu;
+  k.forward_steps = forward_steps_cpu;
+  k.backward_steps = backward_steps_cpu;
+  return k;
+}
+
+const bool registered = register_device_kernels(c10::DeviceType::CPU, cpu_kernels());
 
 }  // namespace
 }  // namespace rnn_ext
