@@ -1,8 +1,8 @@
 """rnn_ext in the PyTorch ecosystem: torch.compile, torch.autocast, DistributedDataParallel and
 serialization of the drop-in modules.
 
-Ground truth is the same rnn_ext model run eagerly (compile, DDP, serialization), float32 (autocast)
-and torch.nn with the same weights. Every test compares values. Sizes are tiny; the one inductor
+Ground truth is the same rnn_ext model run eagerly (compile, DDP, serialization), float32
+(autocast) and torch.nn with the same weights. Every test compares values. Sizes are tiny; the one inductor
 compile dominates the file's time (a C++ compile per graph when its cache is cold).
 """
 
@@ -22,26 +22,18 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import rnn_ext
-from conftest import OpRecorder
+from helpers import CUDA_ONLY, OpRecorder, make_pair
 
 pytestmark = [
-    pytest.mark.skipif(not rnn_ext.extension_available(),
-                       reason="the compiled extension is not built"),
+    pytest.mark.usefixtures("extension", "one_thread"),
     # torch.nn's own notice when it runs an LSTM with projections on the CPU
     pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN"),
 ]
 
 I, H, B, T = 3, 4, 3, 5
-CUDA = torch.cuda.is_available() and rnn_ext.extension_built_with_cuda()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These sizes are far below what intra-op threads pay off for (see test_layers.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# the modules by class name: (kind, cell)
+CLASSES = {"LSTM": ("lstm", False), "GRU": ("gru", False), "RNN": ("rnn_tanh", False),
+           "LSTMCell": ("lstm", True), "GRUCell": ("gru", True), "RNNCell": ("rnn_tanh", True)}
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -82,11 +74,8 @@ def assert_all_close(actual: list[Tensor], expected: list[Tensor], tol: float, w
 
 def pair(name: str, dtype=torch.float32, **kwargs) -> tuple[nn.Module, nn.Module]:
     """(torch.nn module, rnn_ext module) of class `name` with identical weights."""
-    torch.manual_seed(0)
-    ref = getattr(nn, name)(I, H, **kwargs).to(dtype)
-    ext = getattr(rnn_ext, name)(I, H, **kwargs).to(dtype)
-    ext.load_state_dict(ref.state_dict(), strict=True)
-    return ref, ext
+    kind, cell = CLASSES[name]
+    return make_pair(kind, I, H, cell=cell, dtype=dtype, **kwargs)
 
 
 def sample_input(name: str, dtype=torch.float32, device="cpu") -> Tensor:
@@ -333,7 +322,7 @@ def test_torch_nn_lstm_breaks_the_graph_where_rnn_ext_compiles():
 
 # ----------------------------------------------------------------------------- torch.autocast
 
-MODULES = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"]
+MODULES = list(CLASSES)
 
 
 def _autocast_check(name: str, device: str, dtype: torch.dtype, backend: str) -> None:
@@ -380,10 +369,10 @@ def test_cpu_autocast_float16_takes_the_reference_path(name):
     _autocast_check(name, "cpu", torch.float16, "extension")
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a GPU and the extension built with CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("name", MODULES)
-def test_cuda_autocast(name, dtype):
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=CUDA_ONLY)], indirect=True)
+def test_cuda_autocast(device, name, dtype):
     _autocast_check(name, "cuda", dtype, "extension")
 
 
@@ -547,11 +536,11 @@ def test_state_dict_round_trip_both_ways(case):
     assert_all_close(flat(fresh_ext(x)), flat(ref(x)), 1e-10, "torch.nn -> rnn_ext")
 
 
-@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])
+@pytest.mark.parametrize("name", MODULES)
 def test_dtype_and_device_conversions(name):
     """.double() / .to(float64) match torch.nn's at float64; .to("cpu") changes nothing; .half()
     (CPU float16: the reference path) runs in float16 near float32 and torch.nn's .half();
-    .float() after .double() restores float32; with a GPU, .to("cuda") and back."""
+    .float() after .double() restores float32."""
     ref, ext = pair(name)
     x = sample_input(name)
     want32 = flat(ext(x))
@@ -573,11 +562,19 @@ def test_dtype_and_device_conversions(name):
     back = copy.deepcopy(ext).double().float()
     assert all(torch.equal(g, w) for g, w in zip(flat(back(x)), want32))
 
-    if CUDA:  # .to("cuda") and back
-        on_gpu = copy.deepcopy(ext).to("cuda")
-        assert_all_close([t.cpu() for t in flat(on_gpu(x.cuda()))], want32, 1e-5, "cuda")
-        assert rnn_ext_ops(on_gpu, x.cuda())
-        assert all(torch.equal(g, w) for g, w in zip(flat(on_gpu.to("cpu")(x)), want32))
+
+@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=CUDA_ONLY)], indirect=True)
+def test_to_cuda_and_back(device, name):
+    """.to("cuda") runs the CUDA kernels with the CPU module's results (TF32 off), and .to("cpu")
+    brings back the CPU module exactly."""
+    _, ext = pair(name)
+    x = sample_input(name)
+    want32 = flat(ext(x))
+    on_gpu = copy.deepcopy(ext).to(device)
+    assert_all_close([t.cpu() for t in flat(on_gpu(x.to(device)))], want32, 1e-5, device)
+    assert rnn_ext_ops(on_gpu, x.to(device))
+    assert all(torch.equal(g, w) for g, w in zip(flat(on_gpu.to("cpu")(x)), want32))
 
 
 def test_default_device_leaves_batch_sizes_on_the_cpu():
