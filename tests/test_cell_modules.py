@@ -355,6 +355,7 @@ def test_set_backend_round_trip():
         rnn_ext.set_backend("extension")
 
 
+@pytest.mark.slow
 def test_backend_environment_variable():
     env = {**os.environ, "RNN_EXT_BACKEND": "reference",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}

@@ -269,6 +269,7 @@ def test_compile_under_autocast(dynamo):
     assert_all_close(got, want, 1e-2, "compiled vs eager under autocast")
 
 
+@pytest.mark.slow
 def test_compile_inductor_forward_backward(dynamo):
     """inductor (C++ codegen on the CPU) around the rnn_ext ops, every layer kind and a cell,
     dynamic=True: forward and backward equal to eager for two lengths."""
@@ -450,6 +451,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_single_process_training(tmp_path):
     """DDP on 2 CPU processes (gloo), half the batch each, equals one process on the whole batch
     (DDP averages the gradients; the loss is a mean over equal halves). float64."""

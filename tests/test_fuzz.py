@@ -17,7 +17,7 @@ from fuzz import op_names
 ROOT = Path(__file__).resolve().parents[1]
 FUZZER = Path(__file__).resolve().with_name("fuzz.py")
 
-pytestmark = [pytest.mark.usefixtures("extension"), pytest.mark.sanitize]
+pytestmark = [pytest.mark.usefixtures("extension"), pytest.mark.sanitize, pytest.mark.slow]
 
 
 def run_fuzzer(seed: int, calls: int, seconds: float, device: str) -> subprocess.CompletedProcess:

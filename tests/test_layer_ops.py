@@ -500,13 +500,13 @@ def _backward_calls():
         return run
 
     def lstm_bwd(**override):
-        return call(ops.lstm_layer_backward, lstm, **override)
+        return call(lambda *args: ops.lstm_layer_backward(*args), lstm, **override)
 
     def gru_bwd(**override):
-        return call(ops.gru_layer_backward, gru, **override)
+        return call(lambda *args: ops.gru_layer_backward(*args), gru, **override)
 
     def rnn_bwd(**override):
-        return call(ops.rnn_layer_backward, rnn, **override)
+        return call(lambda *args: ops.rnn_layer_backward(*args), rnn, **override)
 
     return {
         "lstm_bwd-bad-workspace": (lstm_bwd(workspace=lambda a: a["workspace"][:, :-1]),

@@ -535,6 +535,7 @@ def _live_tensors() -> int:
     return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
 
 
+@pytest.mark.slow
 def test_memory_stays_flat_over_training_steps():
     """1000 training steps of a small LSTM (and a few hundred of a GRU and an LSTMCell): after
     warm-up the C heap, the RSS and the number of live tensors stay flat. One leaked workspace
@@ -674,6 +675,7 @@ def _run_modules(names, device, dtype, batch, hidden, steps, **layer_kwargs):
     return results
 
 
+@pytest.mark.slow
 def test_bitwise_deterministic_run_to_run(device):
     """Two runs with the same seed give identical outputs and gradients (torch.equal): every
     module, packed into 2 bidirectional layers, in float32 and float64; then with 2 intra-op
