@@ -195,10 +195,11 @@ def test_parity_on_cuda(device, kind):
 
 @pytest.mark.sanitize
 @pytest.mark.parametrize("kind", KIND_NAMES)
-def test_fused_backward_op_runs(kind):
+def test_fused_backward_op_runs(device, kind):
     """A plain backward goes through the fused *_layer_backward op, not the reference."""
-    _, ext = make_pair(kind, input_size=I, hidden_size=H, num_layers=2, bidirectional=True)
-    x = torch.randn(T, B, I, dtype=torch.float64, requires_grad=True)
+    _, ext = make_pair(kind, input_size=I, hidden_size=H, num_layers=2, bidirectional=True,
+                       device=device)
+    x = torch.randn(T, B, I, dtype=torch.float64, device=device, requires_grad=True)
     out, _ = ext(x)
     op = KINDS[kind].layer_backward
     with OpRecorder() as rec:
@@ -216,11 +217,11 @@ def test_fused_backward_op_runs(kind):
 
 @pytest.mark.sanitize
 @pytest.mark.parametrize("kind", KIND_NAMES)
-def test_inference_saves_nothing(kind):
+def test_inference_saves_nothing(device, kind):
     """Without grad the layer runs as its *_layer_inference op (x projected inside, no
     workspace, no graph); with grad, the differentiable op saves its workspace."""
-    _, ext = make_pair(kind, input_size=I, hidden_size=H)
-    x = torch.randn(T, B, I, dtype=torch.float64)
+    _, ext = make_pair(kind, input_size=I, hidden_size=H, device=device)
+    x = torch.randn(T, B, I, dtype=torch.float64, device=device)
     with torch.no_grad(), OpRecorder() as rec:
         out, _ = ext(x)
     inference_op = KINDS[kind].layer_inference
@@ -284,11 +285,12 @@ def test_inference_step_larger_than_a_chunk(kind):
         assert_close(a, b, 1e-10, "state")
 
 
-def test_double_backward_through_module():
-    _, ext = make_pair("lstm", input_size=2, hidden_size=3, bidirectional=True, proj_size=2)
-    x = torch.randn(3, 2, 2, dtype=torch.float64, requires_grad=True)
-    h0 = torch.randn(2, 2, 2, dtype=torch.float64, requires_grad=True)
-    c0 = torch.randn(2, 2, 3, dtype=torch.float64, requires_grad=True)
+def test_double_backward_through_module(device):
+    _, ext = make_pair("lstm", input_size=2, hidden_size=3, bidirectional=True, proj_size=2,
+                       device=device)
+    x = torch.randn(3, 2, 2, dtype=torch.float64, device=device, requires_grad=True)
+    h0 = torch.randn(2, 2, 2, dtype=torch.float64, device=device, requires_grad=True)
+    c0 = torch.randn(2, 2, 3, dtype=torch.float64, device=device, requires_grad=True)
 
     def fn(x, h0, c0):
         out, (h, c) = ext(x, (h0, c0))

@@ -286,12 +286,12 @@ def test_integer_and_mismatched_dtypes_refused(name, case):
 
 
 @pytest.mark.parametrize("name", list(MODULE_CASES))
-def test_second_backward_raises_like_torch_nn(name):
+def test_second_backward_raises_like_torch_nn(device, name):
     """A second backward through freed buffers raises torch.nn's error; with retain_graph the
     second backward accumulates the same gradients again."""
     kw = {} if MODULE_CASES[name].cell else dict(num_layers=2, bidirectional=True)
-    ref, ext = make_case_pair(name, **kw)
-    x, hx = make_input(ref, 3, 2)
+    ref, ext = make_case_pair(name, device=device, **kw)
+    x, hx = make_input(ref, 3, 2, device=device)
     messages = []
     for module in (ref, ext):
         loss = sum(o.sum() for o in flatten(module(leaf(x), hx)))
@@ -319,14 +319,14 @@ def test_second_backward_raises_like_torch_nn(name):
 
 @pytest.mark.parametrize("which", ["all_states", "first_state"])
 @pytest.mark.parametrize("name", list(MODULE_CASES))
-def test_gradients_flow_when_only_hx_requires_grad(name, which):
+def test_gradients_flow_when_only_hx_requires_grad(device, name, which):
     """Frozen parameters, an input without grad: the gradient of h0 (or of c0 alone) is
     torch.nn's."""
     kw = {} if MODULE_CASES[name].cell else dict(num_layers=2, bidirectional=True)
-    ref, ext = make_case_pair(name, **kw)
+    ref, ext = make_case_pair(name, device=device, **kw)
     for module in (ref, ext):
         module.requires_grad_(False)
-    x, hx = make_input(ref, 3, 2)
+    x, hx = make_input(ref, 3, 2, device=device)
     results = []
     for module in (ref, ext):
         states = [leaf(s, which == "all_states" or i == 0) for i, s in enumerate(flatten(hx))]
@@ -343,13 +343,13 @@ def test_gradients_flow_when_only_hx_requires_grad(name, which):
 
 @pytest.mark.parametrize("context", ["no_grad", "inference_mode", "nothing_requires_grad"])
 @pytest.mark.parametrize("name", list(MODULE_CASES))
-def test_no_saved_state_without_grad(name, context):
+def test_no_saved_state_without_grad(device, name, context):
     """Without grad the modules run the *_inference ops, which save nothing and have no
     backward, and no output carries a graph; with grad the layers' *_layer_forward ops save
     their workspace."""
     kw = {} if MODULE_CASES[name].cell else dict(num_layers=2, bidirectional=True)
-    _, ext = make_case_pair(name, **kw)
-    x, hx = make_input(ext, 3, 2)
+    _, ext = make_case_pair(name, device=device, **kw)
+    x, hx = make_input(ext, 3, 2, device=device)
     if context == "nothing_requires_grad":
         ext.requires_grad_(False)
         guard = torch.enable_grad()
@@ -383,12 +383,13 @@ def test_no_saved_state_without_grad(name, context):
 # =============================================================================================
 
 @pytest.mark.parametrize("name", list(MODULE_CASES))
-def test_gradgradcheck_modules(name):
+def test_gradgradcheck_modules(device, name):
     """gradgradcheck in float64 w.r.t. the input, hx and every parameter."""
     kw = {} if MODULE_CASES[name].cell else dict(bidirectional=True)
     hidden_size = 3 if MODULE_CASES[name].proj_size else 2
-    _, ext = make_case_pair(name, input_size=2, hidden_size=hidden_size, **kw)
-    x, hx = make_input(ext, 2, 2)
+    _, ext = make_case_pair(name, input_size=2, hidden_size=hidden_size, device=device,
+                            **kw)
+    x, hx = make_input(ext, 2, 2, device=device)
     states = flatten(hx)
     names = [n for n, _ in ext.named_parameters()]
     params = [leaf(p) for p in ext.parameters()]
