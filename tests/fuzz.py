@@ -3,7 +3,8 @@ argument generators checked against each schema) called with thousands of seeded
 argument sets. Every call must return or raise the op's own argument error (RuntimeError,
 ValueError or TypeError; an internal assert, an IndexError or an AttributeError is a failure);
 calls that break a documented contract must raise; valid calls mixed in must succeed and agree
-with rnn_ext.reference, outputs and gradients (and with themselves when their arguments are
+with rnn_ext.reference: the forward ops' outputs and gradients, the cell backward ops' results
+on the saved tensor of a real forward call (and with themselves when their arguments are
 non-contiguous).
 
 A crash kills the process, so tests/test_fuzz.py runs this program in a child process:
@@ -175,6 +176,42 @@ def reference_outputs(name: str, a: dict) -> tuple:
                                              a["h0"], a.get("c0"), a["batch_sizes"],
                                              a["reverse"])
     return (y, h_n) if c_n is None else (y, h_n, c_n)
+
+
+# each cell backward op: its forward op, and the forward inputs its gradients are for
+CELL_BACKWARD = {
+    "rnn_cell_backward": ("rnn_cell_forward", ("xg",)),
+    "lstm_cell_backward": ("lstm_cell_forward", ("xg", "cx")),
+    "gru_cell_backward": ("gru_cell_forward", ("xg", "hg", "hx")),
+}
+
+
+def cell_backward_case(name: str, rng: random.Random, dtype: torch.dtype, device: str
+                       ) -> tuple[dict, dict]:
+    """(arguments of cell backward op `name`, arguments of the forward call that made its saved
+    tensor): the backward's gradients of the outputs are random, its hy or workspace real."""
+    forward_name, _ = CELL_BACKWARD[name]
+    forward = valid_args(forward_name, rng, dtype, device)
+    result = getattr(ops, forward_name)(*forward.values())
+    hy = result if isinstance(result, torch.Tensor) else result[0]
+    grad = torch.randn(hy.shape, dtype=torch.float64).to(device, dtype)
+    if name == "rnn_cell_backward":
+        return dict(grad_hy=grad, hy=result, nonlinearity=forward["nonlinearity"]), forward
+    if name == "lstm_cell_backward":
+        grad_cy = torch.randn(hy.shape, dtype=torch.float64).to(device, dtype)
+        return dict(grad_hy=grad, grad_cy=grad_cy, workspace=result[2]), forward
+    return dict(grad_hy=grad, workspace=result[1]), forward
+
+
+def reference_cell_backward(name: str, forward: dict, a: dict) -> tuple:
+    """The gradients that cell backward op `name` returns, by autograd through the reference
+    on the forward call's arguments."""
+    forward_name, wrt = CELL_BACKWARD[name]
+    leaves = {k: v.detach().clone().requires_grad_(True) if isinstance(v, torch.Tensor) else v
+              for k, v in forward.items()}
+    outs = reference_outputs(forward_name, leaves)
+    grads = [a["grad_hy"], a["grad_cy"]] if "grad_cy" in a else [a["grad_hy"]]
+    return torch.autograd.grad(outs[:len(grads)], [leaves[k] for k in wrt], grads)
 
 
 def noncontiguous(t: torch.Tensor, rng: random.Random) -> torch.Tensor:
@@ -555,6 +592,9 @@ def fuzz_main(seed: int, calls: int, seconds: float, device: str = "cpu") -> int
         forward = name.endswith(("forward", "_cell")) or inference
         if rng.random() < 0.25:  # ------------------------------------------------ valid
             stats["valid"][name] += 1
+            forward_args = None
+            if name in CELL_BACKWARD:  # the saved tensor of a real forward call
+                call.args, forward_args = cell_backward_case(name, rng, dtype, device)
             form = rng.randrange(3)
             if form == 1:  # the same values, non-contiguous
                 nc = dict(call.args)
@@ -591,6 +631,13 @@ def fuzz_main(seed: int, calls: int, seconds: float, device: str = "cpu") -> int
                     for i, (a, b) in enumerate(zip(outs, want)):
                         if not _close(a.detach(), b.detach()):
                             fail("reference", index, call, f"output {i} differs from reference")
+                if forward_args is not None and form != 1:  # (form 1 may change values)
+                    want = reference_cell_backward(name, forward_args, call.args)
+                    assert len(outs) == len(want)
+                    for i, (a, b) in enumerate(zip(outs, want)):
+                        if not _close(a, b):
+                            fail("reference", index, call,
+                                 f"gradient {i} differs from the reference's")
                 if grad:
                     inputs = list(call.args.values())
                     leaves = [t for t in inputs if isinstance(t, torch.Tensor)
