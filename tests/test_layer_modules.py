@@ -157,16 +157,16 @@ def test_float64_parity_reference_backend(kind, layers, bidir, batch_first, bias
 
 @pytest.mark.parametrize("missing", ["b_ih", "b_hh"])
 @pytest.mark.parametrize("kind", KIND_NAMES)
-def test_functional_layer_with_one_bias(kind, missing):
+def test_functional_layer_with_one_bias(device, kind, missing):
     """functional.recurrent_layer with only one of the two biases (the kernels fold b_ih into
     the step's bias for RNN and LSTM): outputs and gradients match the reference backend."""
     G = KINDS[kind].gates
     torch.manual_seed(0)
     args = {"x": torch.randn(T * B, I), "h0": torch.randn(B, H), "w_ih": torch.randn(G * H, I),
             "w_hh": torch.randn(G * H, H), "b_ih": torch.randn(G * H), "b_hh": torch.randn(G * H)}
-    args = {k: v.double().requires_grad_() for k, v in args.items()}
+    args = {k: v.to(device, torch.float64).requires_grad_() for k, v in args.items()}
     args[missing] = None
-    c0 = torch.randn(B, H, dtype=torch.float64) if kind == "lstm" else None
+    c0 = torch.randn(B, H, dtype=torch.float64, device=device) if kind == "lstm" else None
     batch_sizes = torch.full((T,), B, dtype=torch.int64)
     leaves = [v for v in args.values() if v is not None]
 
