@@ -676,7 +676,8 @@ def test_steps_on_two_threads(kind, batch, dtype):
         torch.manual_seed(1)
         lengths = [7] * (batch - 4) + [5, 4, 2, 1]
         x = torch.randn(7, batch, 24).to(dtype)
-        ext_out, ext_h = ext(pack_padded_sequence(x, lengths))
+        with kernels_run(KINDS[kind].op_name("layer_forward")):
+            ext_out, ext_h = ext(pack_padded_sequence(x, lengths))
         ref_out, ref_h = ref(pack_padded_sequence(x.to(ref_dtype), lengths))
         assert ext_out.data.dtype == dtype
         assert_close(ext_out.data.to(ref_dtype), ref_out.data, tol, "output")
