@@ -47,11 +47,11 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.l
 } > "$REPORT"
 
 if stage build 420 python3 setup.py build_ext --inplace; then
-  stage cuda_tests 240 python3 -m pytest tests -q -x -k cuda -p no:cacheprovider
+  stage cuda_tests 240 python3 -m pytest tests -q -x -m cuda -p no:cacheprovider
   stage benchmarks 300 python3 -m benchmarks.run --device cuda --out "$OUT/bench"
   if command -v compute-sanitizer > /dev/null; then  # last: the figures matter more
     stage memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 1 \
-      python3 -m pytest tests/test_cell_ops.py -q -x -k "cuda and not gradcheck" -p no:cacheprovider
+      python3 -m pytest tests -q -x -m "cuda and sanitize" -p no:cacheprovider
   fi
 fi
 

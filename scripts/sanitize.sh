@@ -11,14 +11,10 @@
 #      commands, and torch.utils.cpp_extension's ninja build takes its C++ flags from that
 #      compiler command (CXXFLAGS is set too, for setuptools versions that read it). The script
 #      checks that the built library really carries the sanitizer runtimes.
-#   3. Runs the op tests against that build with libasan preloaded into python
-#      (`gcc -print-file-name=libasan.so`):
-#        tests/test_cell_ops.py
-#        tests/test_layers.py -k "op or raw or two_threads or inference"
-#        tests/test_reliability.py -k "fuzz or threaded_float32"
-#          (the fuzzer's child process inherits the preload; the threaded and two-thread tests
-#          run the CPU's multi-threaded steps, split by rows and by units; the inference
-#          tests project the input in chunks)
+#   3. Runs the tests marked `sanitize` (pytest -m sanitize: the cell and layer op tests, the
+#      fuzzer, the multi-threaded steps split by rows and by units, the inference ops that
+#      project the input in chunks) against that build with libasan preloaded into python
+#      (`gcc -print-file-name=libasan.so`); the fuzzer's child process inherits the preload.
 #      ASAN_OPTIONS=detect_leaks=0 (CPython leaks by design), UBSAN_OPTIONS=
 #      print_stacktrace=1:halt_on_error=1, PYTHONMALLOC=malloc (ASan sees every allocation).
 #      The first sanitizer report aborts the process with its stack trace; reports are
@@ -111,10 +107,8 @@ run_tests() {  # run_tests NAME PYTEST-ARGS...: appends to $LOG, notes the resul
 }
 EXTRA=("$@")
 : > "$LOG"
-run_tests cell_ops tests/test_cell_ops.py
-run_tests layer_ops tests/test_layers.py -k "op or raw or two_threads or inference"
-# the fuzzer (-s: its summary line) and the float32 steps split over threads (packed GEMM)
-run_tests reliability tests/test_reliability.py -k "fuzz or threaded_float32" -s
+# -s: the fuzzer's summary line
+run_tests sanitize tests -m sanitize -s
 
 # reports: one file per process that reported (log_path), and any that reached the log
 shopt -s nullglob

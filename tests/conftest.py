@@ -1,30 +1,28 @@
-"""Shared test settings: the devices to run on and the guard that the compiled ops are in use."""
+"""Shared fixtures: the device to run on (CUDA with TF32 off), the extension guard, one
+intra-op thread, and the reference backend. The vocabulary and helpers are in helpers.py."""
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import rnn_ext
-
-# CPU always; CUDA where a GPU is present and the extension was built with its kernels.
-DEVICES = ["cpu"] + (
-    ["cuda"] if torch.cuda.is_available() and rnn_ext.extension_built_with_cuda() else [])
+from helpers import DEVICES, backend, intra_op_threads, require_extension
 
 
 @pytest.fixture(params=DEVICES)
 def device(request) -> str:
-    return request.param
-
-
-def require_extension() -> None:
-    """Skips (with the reason) when the compiled library is not built; otherwise asserts that
-    the extension backend is the active one, so an op test never silently runs the reference."""
-    if not rnn_ext.extension_available():
-        pytest.skip("rnn_ext's compiled extension (rnn_ext/_C*.so) is not built or failed to "
-                    "load; build it with `python setup.py build_ext --inplace`")
-    assert rnn_ext.backend() == "extension", (
-        f"rnn_ext.backend() is {rnn_ext.backend()!r} although the extension is built "
-        "(is RNN_EXT_BACKEND=reference set, or did a test leave set_backend('reference')?)")
+    """"cpu", and "cuda" (marked `cuda`; skipped, with the reason, without a GPU). On CUDA the
+    test runs with TF32 off for cuDNN and for matmuls: the tests compare with float64, the
+    reference or torch.nn at float32 tolerances, which TF32's 10-bit mantissa would not meet.
+    A test about TF32 turns it on itself."""
+    if request.param != "cuda":
+        yield request.param
+        return
+    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield request.param
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
 
 
 @pytest.fixture
@@ -32,22 +30,18 @@ def extension() -> None:
     require_extension()
 
 
-class OpRecorder(TorchDispatchMode):
-    """Records the ops that reach the dispatcher: every op's name in `names`, and each rnn_ext
-    op's (name, args, outputs) in `calls`."""
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny sizes: far below what intra-op threads pay off
+    for, and on a small shared machine spinning OpenMP workers slow such tests down many times
+    over. Tests of the threaded paths set their own count (helpers.intra_op_threads)."""
+    with intra_op_threads(1):
+        yield
 
-    def __init__(self):
-        super().__init__()
-        self.names: list[str] = []
-        self.calls: list[tuple[str, tuple, tuple]] = []
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
-        name = str(func)
-        self.names.append(name)
-        if name.startswith("rnn_ext."):
-            self.calls.append((name, args, result if isinstance(result, tuple) else (result,)))
-        return result
-
-    def rnn_ext_ops(self) -> set[str]:
-        return {name for name, _, _ in self.calls}
+@pytest.fixture
+def reference_backend():
+    """The test runs under rnn_ext's reference backend; the previous backend is restored."""
+    with backend("reference"):
+        assert rnn_ext.backend() == "reference"
+        yield

@@ -16,39 +16,11 @@ from torch import _VF, nn
 import rnn_ext
 from rnn_ext import functional, reference
 
-from conftest import OpRecorder, require_extension
+from helpers import (KIND_NAMES, KINDS, OpRecorder, kernels_run, leaf, make_pair,
+                     require_extension)
 
 REPO = Path(__file__).resolve().parents[1]
-
-# kind -> (torch.nn class, rnn_ext class, constructor keywords)
-CELLS = {
-    "rnn_tanh": (nn.RNNCell, rnn_ext.RNNCell, {"nonlinearity": "tanh"}),
-    "rnn_relu": (nn.RNNCell, rnn_ext.RNNCell, {"nonlinearity": "relu"}),
-    "lstm": (nn.LSTMCell, rnn_ext.LSTMCell, {}),
-    "gru": (nn.GRUCell, rnn_ext.GRUCell, {}),
-}
-KINDS = list(CELLS)
 F64 = dict(atol=1e-10, rtol=0)
-
-
-def make_pair(kind, input_size, hidden_size, bias=True, dtype=torch.float64, device="cpu",
-              direction="nn_to_ext", seed=0):
-    """(torch.nn cell, rnn_ext cell) with equal weights, copied with load_state_dict(strict)
-    from the one to the other (direction)."""
-    nn_cls, ext_cls, kw = CELLS[kind]
-    torch.manual_seed(seed)
-    ref = nn_cls(input_size, hidden_size, bias=bias, **kw)
-    torch.manual_seed(seed + 1)  # a different initialisation, overwritten by the load
-    ext = ext_cls(input_size, hidden_size, bias=bias, **kw)
-    if direction == "ext_to_nn":
-        ref, ext = ext, ref  # now `ref` is the rnn_ext cell, the source of the weights
-    before = [p.detach().clone() for p in ext.parameters()]
-    result = ext.load_state_dict(ref.state_dict(), strict=True)
-    assert not result.missing_keys and not result.unexpected_keys
-    assert any(not torch.equal(b, p) for b, p in zip(before, ext.parameters()))
-    nn_cell, ext_cell = (ref, ext) if direction == "nn_to_ext" else (ext, ref)
-    assert type(nn_cell) is nn_cls and type(ext_cell) is ext_cls
-    return nn_cell.to(device, dtype), ext_cell.to(device, dtype)
 
 
 def make_inputs(kind, batch, input_size, hidden_size, dtype, device, with_hx=True, seed=0):
@@ -65,10 +37,6 @@ def make_inputs(kind, batch, input_size, hidden_size, dtype, device, with_hx=Tru
         return x, None
     hx = (rnd(hidden_size), rnd(hidden_size)) if kind == "lstm" else rnd(hidden_size)
     return x, hx
-
-
-def leaf(t):
-    return t.detach().clone().requires_grad_(True)
 
 
 def run_and_grad(cell, x, hx, out_grads_seed=99):
@@ -110,42 +78,48 @@ def assert_cells_agree(nn_cell, ext_cell, x, hx, **tol):
 
 @pytest.mark.parametrize("direction", ["nn_to_ext", "ext_to_nn"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_NAMES)
 def test_matches_torch_nn_float64(extension, device, kind, bias, direction):
-    nn_cell, ext_cell = make_pair(kind, 6, 7, bias, torch.float64, device, direction)
+    nn_cell, ext_cell = make_pair(kind, 6, 7, cell=True, bias=bias, device=device,
+                                  direction=direction)
     x, hx = make_inputs(kind, 5, 6, 7, torch.float64, device)
-    assert_cells_agree(nn_cell, ext_cell, x, hx, **F64)
+    with kernels_run(KINDS[kind].op_name("pointwise_forward"), KINDS[kind].op_name("pointwise_backward")):
+        assert_cells_agree(nn_cell, ext_cell, x, hx, **F64)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_NAMES)
 def test_matches_torch_nn_hx_none(extension, device, kind):
-    nn_cell, ext_cell = make_pair(kind, 6, 7, True, torch.float64, device)
+    nn_cell, ext_cell = make_pair(kind, 6, 7, cell=True, device=device)
     x, _ = make_inputs(kind, 5, 6, 7, torch.float64, device, with_hx=False)
-    assert_cells_agree(nn_cell, ext_cell, x, None, **F64)
+    with kernels_run(KINDS[kind].op_name("pointwise_forward")):
+        assert_cells_agree(nn_cell, ext_cell, x, None, **F64)
 
 
 @pytest.mark.parametrize("with_hx", [True, False], ids=["hx", "no_hx"])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_NAMES)
 def test_matches_torch_nn_unbatched(extension, device, kind, with_hx):
-    nn_cell, ext_cell = make_pair(kind, 6, 7, True, torch.float64, device)
+    nn_cell, ext_cell = make_pair(kind, 6, 7, cell=True, device=device)
     x, hx = make_inputs(kind, None, 6, 7, torch.float64, device, with_hx=with_hx)
     assert x.dim() == 1
     out = ext_cell(x, hx) if with_hx else ext_cell(x)
     for o in (out if isinstance(out, tuple) else (out,)):
         assert o.shape == (7,)
-    assert_cells_agree(nn_cell, ext_cell, x, hx, **F64)
+    with kernels_run(KINDS[kind].op_name("pointwise_forward")):
+        assert_cells_agree(nn_cell, ext_cell, x, hx, **F64)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_NAMES)
 def test_matches_torch_nn_float32_realistic(extension, device, kind):
-    nn_cell, ext_cell = make_pair(kind, 64, 128, True, torch.float32, device)
+    nn_cell, ext_cell = make_pair(kind, 64, 128, cell=True, dtype=torch.float32,
+                                  device=device)
     x, hx = make_inputs(kind, 16, 64, 128, torch.float32, device)
     assert_cells_agree(nn_cell, ext_cell, x, hx, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_NAMES)
 def test_matches_torch_nn_bfloat16(extension, device, kind):
-    nn_cell, ext_cell = make_pair(kind, 16, 24, True, torch.bfloat16, device)
+    nn_cell, ext_cell = make_pair(kind, 16, 24, cell=True, dtype=torch.bfloat16,
+                                  device=device)
     x, hx = make_inputs(kind, 4, 16, 24, torch.bfloat16, device)
     out_nn = nn_cell(x, hx)
     out_ext = ext_cell(x, hx)
@@ -155,27 +129,17 @@ def test_matches_torch_nn_bfloat16(extension, device, kind):
         torch.testing.assert_close(a.float(), b.float(), atol=3e-2, rtol=3e-2)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_zero_batch(extension, device, kind):
-    nn_cell, ext_cell = make_pair(kind, 6, 7, True, torch.float64, device)
-    x, hx = make_inputs(kind, 0, 6, 7, torch.float64, device)
-    out_nn, out_ext = nn_cell(x, hx), ext_cell(x, hx)
-    for a, b in zip(out_ext if kind == "lstm" else (out_ext,),
-                    out_nn if kind == "lstm" else (out_nn,)):
-        assert a.shape == b.shape == (0, 7)
-
-
 # --------------------------------------------------------------------- parameters and type
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_NAMES)
 def test_parameters_match_torch_nn(kind, bias):
-    nn_cls, ext_cls, kw = CELLS[kind]
+    nn_cls, ext_cls, kw = KINDS[kind].nn_cell, KINDS[kind].cell, KINDS[kind].module_kwargs
     nn_cell, ext_cell = nn_cls(5, 9, bias=bias, **kw), ext_cls(5, 9, bias=bias, **kw)
     expected = [(n, tuple(p.shape), p.dtype) for n, p in nn_cell.named_parameters()]
     assert [(n, tuple(p.shape), p.dtype) for n, p in ext_cell.named_parameters()] == expected
     assert list(ext_cell.state_dict()) == list(nn_cell.state_dict())
-    gates = {"lstm": 4, "gru": 3}.get(kind, 1)
+    gates = KINDS[kind].gates
     assert ext_cell.weight_ih.shape == (gates * 9, 5)
     assert ext_cell.weight_hh.shape == (gates * 9, 9)
     if bias:
@@ -184,9 +148,9 @@ def test_parameters_match_torch_nn(kind, bias):
         assert ext_cell.bias_ih is None and ext_cell.bias_hh is None
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_NAMES)
 def test_initialisation_uniform(kind):
-    nn_cls, ext_cls, kw = CELLS[kind]
+    nn_cls, ext_cls, kw = KINDS[kind].nn_cell, KINDS[kind].cell, KINDS[kind].module_kwargs
     hidden = 64
     bound = 1 / math.sqrt(hidden)
     torch.manual_seed(1234)
@@ -260,11 +224,11 @@ def _outcome(cell, x, hx):
     return None
 
 
-@pytest.mark.parametrize("kind, case", [(k, c) for k in KINDS for c in BAD_INPUTS]
+@pytest.mark.parametrize("kind, case", [(k, c) for k in KIND_NAMES for c in BAD_INPUTS]
                          + [("lstm", c) for c in LSTM_BAD_INPUTS])
 def test_bad_inputs_raise_like_torch_nn(extension, kind, case):
     x, hx = {**BAD_INPUTS, **LSTM_BAD_INPUTS}[case](kind)
-    nn_cell, ext_cell = make_pair(kind, 6, 7, True, torch.float32)
+    nn_cell, ext_cell = make_pair(kind, 6, 7, cell=True, dtype=torch.float32)
     expected = _outcome(nn_cell, x, hx)
     assert expected is not None, f"torch.nn accepted the {case} input; the case is wrong"
     got = _outcome(ext_cell, x, hx)
@@ -287,14 +251,15 @@ def test_unknown_nonlinearity_like_torch_nn():
 
 # ------------------------------------------------------------------------------ functional API
 
-FUNCTIONS = ["rnn_tanh_cell", "rnn_relu_cell", "lstm_cell", "gru_cell"]
-FUNCTION_GATES = {"rnn_tanh_cell": 1, "rnn_relu_cell": 1, "lstm_cell": 4, "gru_cell": 3}
+# rnn_ext.functional's (and torch._VF's) cell functions, and their kinds
+FUNCTIONS = {"rnn_tanh_cell": "rnn_tanh", "rnn_relu_cell": "rnn_relu", "lstm_cell": "lstm",
+             "gru_cell": "gru"}
 
 
 def functional_args(name, device, bias, B=5, I=6, H=7, seed=0):
     gen = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(s, generator=gen, dtype=torch.float64).to(device)  # noqa: E731
-    g = FUNCTION_GATES[name]
+    g = KINDS[FUNCTIONS[name]].gates
     hx = (rnd(B, H), rnd(B, H)) if name == "lstm_cell" else rnd(B, H)
     b = (rnd(g * H), rnd(g * H)) if bias else (None, None)
     return [rnd(B, I), hx, rnd(g * H, I), rnd(g * H, H), *b]
@@ -325,14 +290,12 @@ def _call_with_grads(fn, args):
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("name", FUNCTIONS)
+@pytest.mark.parametrize("name", list(FUNCTIONS))
 def test_functional_matches_reference_and_torch(extension, device, name, bias):
     args = functional_args(name, device, bias)
-    with OpRecorder() as record:
+    kind = KINDS[FUNCTIONS[name]]
+    with kernels_run(kind.op_name("pointwise_forward"), kind.op_name("pointwise_backward")):
         outs, grads = _call_with_grads(getattr(functional, name), args)
-    op = {"lstm_cell": "lstm", "gru_cell": "gru"}.get(name, "rnn")
-    assert f"rnn_ext.{op}_pointwise_forward.default" in record.rnn_ext_ops()
-    assert f"rnn_ext.{op}_pointwise_backward.default" in record.rnn_ext_ops()
     for expected_fn in (getattr(reference, name), getattr(_VF, name)):
         ref_outs, ref_grads = _call_with_grads(expected_fn, args)
         assert len(outs) == len(ref_outs)
@@ -343,34 +306,23 @@ def test_functional_matches_reference_and_torch(extension, device, name, bias):
             torch.testing.assert_close(a, b, **F64)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_NAMES)
 def test_modules_run_the_extension_ops(extension, kind):
     """With the extension backend the cells run the fused ops, forward and backward."""
-    _, ext_cell = make_pair(kind, 6, 7, True, torch.float32)
+    _, ext_cell = make_pair(kind, 6, 7, cell=True, dtype=torch.float32)
     x, hx = make_inputs(kind, 3, 6, 7, torch.float32, "cpu")
     with OpRecorder() as record:
         run_and_grad(ext_cell, x, hx)
-    op = {"lstm": "lstm", "gru": "gru"}.get(kind, "rnn")
-    assert record.rnn_ext_ops() == {f"rnn_ext.{op}_pointwise_forward.default",
-                                    f"rnn_ext.{op}_pointwise_backward.default"}
+    assert record.rnn_ext_ops() == {KINDS[kind].op_name("pointwise_forward"),
+                                    KINDS[kind].op_name("pointwise_backward")}
 
 
 # -------------------------------------------------------------------------------- backend switch
 
-@pytest.fixture
-def reference_backend():
-    previous = rnn_ext.backend()
-    rnn_ext.set_backend("reference")
-    try:
-        yield
-    finally:
-        rnn_ext.set_backend(previous)
-
-
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_NAMES)
 def test_reference_backend_matches_torch_nn(reference_backend, device, kind):
     assert rnn_ext.backend() == "reference"
-    nn_cell, ext_cell = make_pair(kind, 6, 7, True, torch.float64, device)
+    nn_cell, ext_cell = make_pair(kind, 6, 7, cell=True, device=device)
     x, hx = make_inputs(kind, 5, 6, 7, torch.float64, device)
     with OpRecorder() as record:
         assert_cells_agree(nn_cell, ext_cell, x, hx, **F64)
@@ -380,7 +332,7 @@ def test_reference_backend_matches_torch_nn(reference_backend, device, kind):
     assert_cells_agree(nn_cell, ext_cell, x1, None, **F64)
 
 
-@pytest.mark.parametrize("name", FUNCTIONS)
+@pytest.mark.parametrize("name", list(FUNCTIONS))
 def test_reference_backend_functional(reference_backend, name):
     args = functional_args(name, "cpu", True)
     with OpRecorder() as record:
@@ -405,6 +357,7 @@ def test_set_backend_round_trip():
         rnn_ext.set_backend("extension")
 
 
+@pytest.mark.slow
 def test_backend_environment_variable():
     env = {**os.environ, "RNN_EXT_BACKEND": "reference",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}

@@ -10,15 +10,13 @@ import pytest
 import torch
 from torch.library import opcheck
 
-from conftest import OpRecorder
+from helpers import KIND_NAMES, KINDS, OpRecorder, intra_op_threads, kernels_run, noncontiguous
 from rnn_ext import reference
 
-pytestmark = pytest.mark.usefixtures("extension")
+pytestmark = [pytest.mark.usefixtures("extension"), pytest.mark.sanitize]
 
 ops = torch.ops.rnn_ext
 
-GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
-KINDS = list(GATES)
 SHAPES = [(3, 4), (1, 7), (4, 33), (0, 5)]  # (B, H): small, B=1 with odd H, odd H, zero batch
 BIAS_VARIANTS = pytest.mark.parametrize("bias", [True, False, "ih", "hh"],
                                         ids=["bias", "nobias", "b_ih_only", "b_hh_only"])
@@ -34,32 +32,30 @@ def make_inputs(kind, B, H, dtype=torch.float64, device="cpu", bias=True, requir
                 seed=0):
     """The forward op's arguments: (xg, hg, b_ih, b_hh, nonlinearity | cx | hx)."""
     gen = torch.Generator().manual_seed(seed)
-    gh = GATES[kind] * H
+    gh = KINDS[kind].gates * H
     rnd = lambda *shape: _randn(gen, shape, dtype, device, requires_grad)  # noqa: E731
     xg, hg = rnd(B, gh), rnd(B, gh)
     b_ih, b_hh = rnd(gh), rnd(gh)  # bias: True (both), False (neither), "ih" or "hh" (one)
     b_ih = b_ih if bias in (True, "ih") else None
     b_hh = b_hh if bias in (True, "hh") else None
-    last = kind[len("rnn_"):] if kind.startswith("rnn") else rnd(B, H)
+    last = KINDS[kind].nonlinearity if KINDS[kind].is_rnn else rnd(B, H)
     return (xg, hg, b_ih, b_hh, last)
 
 
 def forward_op(kind):
-    if kind.startswith("rnn"):
-        return ops.rnn_pointwise_forward
-    return ops.lstm_pointwise_forward if kind == "lstm" else ops.gru_pointwise_forward
+    return KINDS[kind].op("pointwise_forward")
 
 
 def run_op(kind, args):
     """The op's state outputs, without the workspace: (hy,), (hy, cy) or (hy,)."""
     out = forward_op(kind)(*args)
-    if kind.startswith("rnn"):
+    if KINDS[kind].is_rnn:
         return (out,)
     return tuple(out[:2]) if kind == "lstm" else (out[0],)
 
 
 def run_reference(kind, args):
-    if kind.startswith("rnn"):
+    if KINDS[kind].is_rnn:
         return (reference.rnn_cell_step(*args),)
     if kind == "lstm":
         return tuple(reference.lstm_cell_step(*args))
@@ -79,7 +75,7 @@ def tensors(args):
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}H{s[1]}")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_NAMES)
 def test_forward_matches_reference(device, kind, dtype, shape, bias):
     B, H = shape
     args = make_inputs(kind, B, H, dtype, device, bias, seed=B * 100 + H)
@@ -102,7 +98,7 @@ def test_forward_workspace_shape(device, kind):
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}H{s[1]}")
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_NAMES)
 def test_forward_bfloat16(device, kind, shape, bias):
     B, H = shape
     args = make_inputs(kind, B, H, torch.bfloat16, device, bias, seed=7)
@@ -115,7 +111,7 @@ def test_forward_bfloat16(device, kind, shape, bias):
 
 
 @BIAS_VARIANTS
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_NAMES)
 def test_forward_one_bias(device, kind, bias):
     args = make_inputs(kind, 3, 7, torch.float64, device, bias, seed=2)
     for o, e in zip(run_op(kind, args), run_reference(kind, args)):
@@ -123,7 +119,7 @@ def test_forward_one_bias(device, kind, bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_NAMES)
 def test_forward_special_values(device, kind, dtype):
     """NaN propagates, +-inf and huge pre-activations saturate, as in the reference."""
     args = list(make_inputs(kind, 4, 5, dtype, device, seed=4))
@@ -137,19 +133,22 @@ def test_forward_special_values(device, kind, dtype):
         torch.testing.assert_close(o, e, atol=1e-6, rtol=1e-6, equal_nan=True)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_NAMES)
 def test_many_rows_split_over_threads(device, kind):
-    """Enough rows that the CPU kernels split them into several parallel chunks."""
+    """1500 rows on 2 intra-op threads: the CPU pointwise kernels split the rows into parallel
+    chunks (forward and backward ops), and every chunk gives the reference's values."""
     fargs, bargs = backward_op_args(kind, 1500, 33, torch.float32, device, seed=8)
-    for o, e in zip(run_op(kind, fargs), run_reference(kind, fargs)):
+    with intra_op_threads(2):
+        got_forward = run_op(kind, fargs)
+        got = as_tuple(backward_op(kind)(*bargs))
+    for o, e in zip(got_forward, run_reference(kind, fargs)):
         torch.testing.assert_close(o, e, atol=1e-5, rtol=1e-5)
-    got = as_tuple(backward_op(kind)(*bargs))
     want, _ = reference_backward(kind, fargs, bargs, torch.float32)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_NAMES)
 def test_forward_large_magnitudes_saturate(device, kind):
     """Pre-activations far outside the usual range: no NaN/inf, reference values."""
     args = make_inputs(kind, 4, 6, torch.float32, device, seed=3)
@@ -165,9 +164,6 @@ def test_forward_large_magnitudes_saturate(device, kind):
 # helpers below), and the gradcheck / gradgradcheck of every kind and bias variant is
 # test_whole_cell_gradcheck's.
 
-MODE = {"rnn_tanh": "RNN_TANH", "rnn_relu": "RNN_RELU", "lstm": "LSTM", "gru": "GRU"}
-
-
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn_tanh"])
 def test_gradgradcheck_partial_requires_grad(device, kind):
     """Double backward when only some inputs require grad (the input and the state / the input
@@ -178,7 +174,7 @@ def test_gradgradcheck_partial_requires_grad(device, kind):
     assert torch.autograd.gradgradcheck(lambda *a: run_cell(kind, a), args)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_NAMES)
 def test_autograd_float32_matches_reference(device, kind):
     """First-order gradients of every input, float32, through a sum loss (whose gradient
     reaches the op as an expanded, stride-0 tensor)."""
@@ -194,7 +190,7 @@ def test_autograd_float32_matches_reference(device, kind):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_NAMES)
 def test_autograd_zero_batch(device, kind):
     args = inference_args(kind, 0, 5, device=device)
     for a in tensors(args):
@@ -206,7 +202,7 @@ def test_autograd_zero_batch(device, kind):
 
 
 @pytest.mark.parametrize("bias", ["ih", False], ids=["b_ih_only", "nobias"])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_NAMES)
 def test_differentiable_backward_matches_fused_backward(device, kind, bias):
     """differentiable_backward (the backward under create_graph) gives the gradients the fused
     backward gives, as a graph; zeros for an input that does not require grad, an empty
@@ -219,7 +215,7 @@ def test_differentiable_backward_matches_fused_backward(device, kind, bias):
     present = [a for a in tensors(args) if a.requires_grad]
     fused = iter(torch.autograd.grad(outputs, present, grads))
     inputs = list(args[:7] if kind == "lstm" else args[:6])
-    found = ops.differentiable_backward("cell", MODE[kind], inputs, grads, None, False)
+    found = ops.differentiable_backward("cell", KINDS[kind].mode, inputs, grads, None, False)
     assert len(found) == len(inputs)
     for got, arg in zip(found, inputs):
         if arg is None:
@@ -259,7 +255,7 @@ def test_differentiable_backward_validates(device):
 # ------------------------------------------------------------------------------------ opcheck
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_NAMES)
 def test_opcheck_forward(device, kind, bias):
     """The pointwise op alone (without grad: it has no autograd node; test_opcheck_whole_cell
     checks the node that runs it)."""
@@ -272,7 +268,7 @@ def backward_op_args(kind, B=3, H=4, dtype=torch.float64, device="cpu", bias=Tru
     args = make_inputs(kind, B, H, dtype, device, bias, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
     grad_hy = _randn(gen, (B, H), dtype, device)
-    if kind.startswith("rnn"):
+    if KINDS[kind].is_rnn:
         return args, (grad_hy, ops.rnn_pointwise_forward(*args), args[4])
     if kind == "lstm":
         grad_cy = _randn(gen, (B, H), dtype, device)
@@ -291,9 +287,9 @@ def reference_backward(kind, fargs, bargs, dtype):
                      else a for a in fargs)
     outs = run_reference(kind, ref_args)
     grads = [g.to(dtype) for g in (bargs[:2] if kind == "lstm" else bargs[:1])]
-    wrt = [ref_args[0], ref_args[1]] + ([] if kind.startswith("rnn") else [ref_args[4]])
+    wrt = [ref_args[0], ref_args[1]] + ([] if KINDS[kind].is_rnn else [ref_args[4]])
     d = torch.autograd.grad(outs, wrt, grads)
-    if kind.startswith("rnn"):
+    if KINDS[kind].is_rnn:
         return (d[0],), d[1]
     if kind == "lstm":
         return (d[0], d[2]), d[1]
@@ -301,12 +297,10 @@ def reference_backward(kind, fargs, bargs, dtype):
 
 
 def backward_op(kind):
-    if kind.startswith("rnn"):
-        return ops.rnn_pointwise_backward
-    return ops.lstm_pointwise_backward if kind == "lstm" else ops.gru_pointwise_backward
+    return KINDS[kind].op("pointwise_backward")
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_NAMES)
 def test_opcheck_backward(device, kind):
     _, bargs = backward_op_args(kind, device=device)
     opcheck(backward_op(kind), bargs)
@@ -317,7 +311,7 @@ def test_opcheck_backward(device, kind):
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}H{s[1]}")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_NAMES)
 def test_backward_op_matches_reference_autograd(device, kind, dtype, shape, bias):
     B, H = shape
     fargs, bargs = backward_op_args(kind, B, H, dtype, device, bias, seed=51 + H)
@@ -331,7 +325,7 @@ def test_backward_op_matches_reference_autograd(device, kind, dtype, shape, bias
         torch.testing.assert_close(got[0], want_hg, **TOL[dtype])
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_NAMES)
 def test_backward_op_bfloat16(device, kind):
     fargs, bargs = backward_op_args(kind, 4, 33, torch.bfloat16, device, seed=61)
     got = as_tuple(backward_op(kind)(*bargs))
@@ -345,26 +339,13 @@ def test_backward_op_bfloat16(device, kind):
 def test_autograd_uses_the_fused_backward_op(device):
     """The whole-cell node runs rnn_ext's pointwise forward and backward ops (not a reference
     fallback)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
-
-    for kind in KINDS:
+    for kind in KIND_NAMES:
         args = inference_args(kind, 3, 4, dtype=torch.float32, device=device)
         for a in tensors(args):
             a.requires_grad_(True)
-        with Record() as record:
+        with kernels_run(KINDS[kind].op_name("pointwise_forward"),
+                         KINDS[kind].op_name("pointwise_backward")):
             sum(o.sum() for o in run_cell(kind, args)).backward()
-        name = "rnn" if kind.startswith("rnn") else kind
-        assert f"rnn_ext.{name}_pointwise_forward.default" in record.names, record.names
-        assert f"rnn_ext.{name}_pointwise_backward.default" in record.names, record.names
 
 
 # ---------------------------------------------------------------------------------- inference
@@ -372,20 +353,19 @@ def test_autograd_uses_the_fused_backward_op(device):
 def inference_args(kind, B, H, I=5, dtype=torch.float64, device="cpu", bias=True, seed=0):
     """The inference op's arguments: (input, hx[, cx], w_ih, w_hh, b_ih, b_hh[, nonlinearity])."""
     gen = torch.Generator().manual_seed(seed)
-    gh = GATES[kind] * H
+    gh = KINDS[kind].gates * H
     rnd = lambda *shape: _randn(gen, shape, dtype, device)  # noqa: E731
     states = (rnd(B, H), rnd(B, H)) if kind == "lstm" else (rnd(B, H),)
     b_ih, b_hh = rnd(gh), rnd(gh)
     b_ih = b_ih if bias in (True, "ih") else None
     b_hh = b_hh if bias in (True, "hh") else None
-    extra = (kind[len("rnn_"):],) if kind.startswith("rnn") else ()
+    extra = (kind[len("rnn_"):],) if KINDS[kind].is_rnn else ()
     return (rnd(B, I), *states, rnd(gh, I), rnd(gh, H), b_ih, b_hh, *extra)
 
 
 def run_inference(kind, args):
     """The inference op's outputs as a tuple: (hy,) or (hy, cy)."""
-    name = "rnn" if kind.startswith("rnn") else kind
-    out = getattr(ops, f"{name}_cell_inference")(*args)
+    out = KINDS[kind].op("cell_inference")(*args)
     return tuple(out) if kind == "lstm" else (out,)
 
 
@@ -394,14 +374,14 @@ def forward_op_args(kind, args):
     lstm = kind == "lstm"
     x, h = args[0], args[1]
     w_ih, w_hh, b_ih, b_hh = args[3:7] if lstm else args[2:6]
-    last = args[2] if lstm else (args[-1] if kind.startswith("rnn") else h)
+    last = args[2] if lstm else (args[-1] if KINDS[kind].is_rnn else h)
     return (x @ w_ih.t(), h @ w_hh.t(), b_ih, b_hh, last)
 
 
 @BIAS_VARIANTS
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}H{s[1]}")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_NAMES)
 def test_inference_matches_forward_op(device, kind, dtype, shape, bias):
     """*_cell_inference(input, hx, ..., w_ih, w_hh, b_ih, b_hh) is the forward op on the two
     GEMMs' results (up to the GEMMs' rounding), on every device, dtype and bias variant."""
@@ -416,7 +396,7 @@ def test_inference_matches_forward_op(device, kind, dtype, shape, bias):
         torch.testing.assert_close(g, w, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_NAMES)
 def test_inference_noncontiguous(device, kind):
     """A transposed-in-memory w_ih, a strided input and state give the contiguous result."""
     args = list(inference_args(kind, 4, 6, device=device, seed=3))
@@ -430,11 +410,9 @@ def test_inference_noncontiguous(device, kind):
         torch.testing.assert_close(g, w, atol=1e-12, rtol=0)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_NAMES)
 def test_opcheck_inference(device, kind):
-    name = "rnn" if kind.startswith("rnn") else kind
-    opcheck(getattr(ops, f"{name}_cell_inference").default,
-            inference_args(kind, 3, 4, device=device))
+    opcheck(KINDS[kind].op("cell_inference").default, inference_args(kind, 3, 4, device=device))
 
 
 @pytest.mark.parametrize("kind", ["rnn_tanh", "lstm", "gru"])
@@ -452,8 +430,7 @@ def test_inference_has_no_backward(device, kind):
 def run_cell(kind, args):
     """The whole-cell op (rnn_cell, lstm_cell, gru_cell: the inference op's arguments) as a
     tuple: (hy,) or (hy, cy)."""
-    name = "rnn" if kind.startswith("rnn") else kind
-    out = getattr(ops, f"{name}_cell")(*args)
+    out = KINDS[kind].op("cell")(*args)
     return tuple(out) if kind == "lstm" else (out,)
 
 
@@ -467,7 +444,7 @@ def reference_cell(kind, args):
 
 
 @BIAS_VARIANTS
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_NAMES)
 def test_whole_cell_gradcheck(device, kind, bias):
     """The whole-cell ops' one-node backward (both GEMMs' gradients) and double backward."""
     args = inference_args(kind, 3, 4, device=device, bias=bias, seed=41)
@@ -478,7 +455,7 @@ def test_whole_cell_gradcheck(device, kind, bias):
 
 
 @pytest.mark.parametrize("wanted", ["input", "hx", "weights", "biases"])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_NAMES)
 def test_whole_cell_partial_requires_grad(device, kind, wanted):
     """Gradients of a subset of the inputs match the reference's, and the others get none."""
     args = list(inference_args(kind, 5, 6, dtype=torch.float64, device=device, seed=42))
@@ -497,7 +474,7 @@ def test_whole_cell_partial_requires_grad(device, kind, wanted):
         torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-12)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_NAMES)
 def test_whole_cell_is_one_node_or_the_inference_op(device, kind):
     """With grad the step is one autograd node over both GEMMs and the fused step; without,
     the inference op runs (the op is CompositeImplicitAutograd)."""
@@ -510,197 +487,34 @@ def test_whole_cell_is_one_node_or_the_inference_op(device, kind):
         "torch::autograd::AccumulateGrad"]
     with torch.no_grad(), OpRecorder() as rec:
         run_cell(kind, args)
-    name = "rnn" if kind.startswith("rnn") else kind
-    assert [f for f, _, _ in rec.calls] == [f"rnn_ext.{name}_cell_inference.default"]
+    assert [f for f, _, _ in rec.calls] == [KINDS[kind].op_name("cell_inference")]
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_NAMES)
 def test_opcheck_whole_cell(device, kind):
     args = inference_args(kind, 3, 4, device=device, seed=44)
-    opcheck(getattr(ops, ("rnn" if kind.startswith("rnn") else kind) + "_cell"), args)
+    opcheck(KINDS[kind].op("cell"), args)
     for a in tensors(args):
         a.requires_grad_(True)
-    opcheck(getattr(ops, ("rnn" if kind.startswith("rnn") else kind) + "_cell"), args)
+    opcheck(KINDS[kind].op("cell"), args)
 
 
-# --------------------------------------------------------------------------- wrong arguments
+# ------------------------------------------------------------------ errors under autograd
 
-def _t(*shape, dtype=torch.float64, device="cpu"):
-    if dtype.is_floating_point:
-        return torch.randn(shape, dtype=torch.float64).to(device=device, dtype=dtype)
-    return torch.ones(shape, dtype=dtype, device=device)
-
-
-B_, H_ = 3, 4
-
-ERROR_CASES = {
-    # wrong dims
-    "rnn_xg_3d": lambda d: ops.rnn_pointwise_forward(_t(1, B_, H_, device=d), _t(1, B_, H_, device=d),
-                                                None, None, "tanh"),
-    "rnn_xg_1d": lambda d: ops.rnn_pointwise_forward(_t(H_, device=d), _t(H_, device=d), None, None,
-                                                "tanh"),
-    "lstm_hg_1d": lambda d: ops.lstm_pointwise_forward(_t(B_, 4 * H_, device=d), _t(4 * H_, device=d),
-                                                  None, None, _t(B_, H_, device=d)),
-    "gru_hx_3d": lambda d: ops.gru_pointwise_forward(_t(B_, 3 * H_, device=d), _t(B_, 3 * H_, device=d),
-                                                None, None, _t(1, B_, H_, device=d)),
-    "lstm_bias_2d": lambda d: ops.lstm_pointwise_forward(
-        _t(B_, 4 * H_, device=d), _t(B_, 4 * H_, device=d), _t(1, 4 * H_, device=d), None,
-        _t(B_, H_, device=d)),
-    # wrong sizes
-    "rnn_hg_rows": lambda d: ops.rnn_pointwise_forward(_t(B_, H_, device=d), _t(B_ + 1, H_, device=d),
-                                                  None, None, "tanh"),
-    "rnn_hg_cols": lambda d: ops.rnn_pointwise_forward(_t(B_, H_, device=d), _t(B_, H_ + 1, device=d),
-                                                  None, None, "relu"),
-    "lstm_hg_cols": lambda d: ops.lstm_pointwise_forward(
-        _t(B_, 4 * H_, device=d), _t(B_, 3 * H_, device=d), None, None, _t(B_, H_, device=d)),
-    "gru_hg_rows": lambda d: ops.gru_pointwise_forward(
-        _t(B_, 3 * H_, device=d), _t(B_ - 1, 3 * H_, device=d), None, None, _t(B_, H_, device=d)),
-    "rnn_b_ih_len": lambda d: ops.rnn_pointwise_forward(_t(B_, H_, device=d), _t(B_, H_, device=d),
-                                                   _t(H_ + 1, device=d), None, "tanh"),
-    "lstm_b_hh_len": lambda d: ops.lstm_pointwise_forward(
-        _t(B_, 4 * H_, device=d), _t(B_, 4 * H_, device=d), None, _t(H_, device=d),
-        _t(B_, H_, device=d)),
-    "gru_b_ih_len": lambda d: ops.gru_pointwise_forward(
-        _t(B_, 3 * H_, device=d), _t(B_, 3 * H_, device=d), _t(4 * H_, device=d), None,
-        _t(B_, H_, device=d)),
-    "lstm_cx_shape": lambda d: ops.lstm_pointwise_forward(
-        _t(B_, 4 * H_, device=d), _t(B_, 4 * H_, device=d), None, None, _t(B_, H_ + 1, device=d)),
-    "lstm_cx_rows": lambda d: ops.lstm_pointwise_forward(
-        _t(B_, 4 * H_, device=d), _t(B_, 4 * H_, device=d), None, None, _t(B_ + 1, H_, device=d)),
-    "gru_hx_shape": lambda d: ops.gru_pointwise_forward(
-        _t(B_, 3 * H_, device=d), _t(B_, 3 * H_, device=d), None, None, _t(B_, 4 * H_, device=d)),
-    "lstm_workspace_shape": lambda d: ops.lstm_pointwise_backward(
-        _t(B_, H_, device=d), _t(B_, H_, device=d), _t(B_, 4 * H_, device=d)),
-    "lstm_workspace_rows": lambda d: ops.lstm_pointwise_backward(
-        _t(B_, H_, device=d), _t(B_, H_, device=d), _t(B_ + 1, 5 * H_, device=d)),
-    "lstm_grad_cy_shape": lambda d: ops.lstm_pointwise_backward(
-        _t(B_, H_, device=d), _t(B_, H_ + 1, device=d), _t(B_, 5 * H_, device=d)),
-    "gru_workspace_shape": lambda d: ops.gru_pointwise_backward(_t(B_, H_, device=d),
-                                                           _t(B_, 3 * H_, device=d)),
-    "gru_workspace_1d": lambda d: ops.gru_pointwise_backward(_t(B_, H_, device=d),
-                                                        _t(5 * H_, device=d)),
-    "rnn_backward_hy_shape": lambda d: ops.rnn_pointwise_backward(_t(B_, H_, device=d),
-                                                             _t(B_, H_ + 1, device=d), "tanh"),
-    "rnn_backward_grad_1d": lambda d: ops.rnn_pointwise_backward(_t(H_, device=d), _t(H_, device=d),
-                                                            "relu"),
-    # mismatched dtypes
-    "rnn_hg_dtype": lambda d: ops.rnn_pointwise_forward(
-        _t(B_, H_, device=d), _t(B_, H_, dtype=torch.float32, device=d), None, None, "tanh"),
-    "lstm_bias_dtype": lambda d: ops.lstm_pointwise_forward(
-        _t(B_, 4 * H_, device=d), _t(B_, 4 * H_, device=d),
-        _t(4 * H_, dtype=torch.float32, device=d), None, _t(B_, H_, device=d)),
-    "lstm_cx_dtype": lambda d: ops.lstm_pointwise_forward(
-        _t(B_, 4 * H_, device=d), _t(B_, 4 * H_, device=d), None, None,
-        _t(B_, H_, dtype=torch.float32, device=d)),
-    "gru_hx_dtype": lambda d: ops.gru_pointwise_forward(
-        _t(B_, 3 * H_, dtype=torch.float32, device=d), _t(B_, 3 * H_, dtype=torch.float32,
-                                                          device=d), None, None,
-        _t(B_, H_, device=d)),
-    "gru_workspace_dtype": lambda d: ops.gru_pointwise_backward(
-        _t(B_, H_, device=d), _t(B_, 5 * H_, dtype=torch.float32, device=d)),
-    "lstm_grad_cy_dtype": lambda d: ops.lstm_pointwise_backward(
-        _t(B_, H_, device=d), _t(B_, H_, dtype=torch.bfloat16, device=d),
-        _t(B_, 5 * H_, device=d)),
-    # integer dtypes (every argument integer, so only the dtype is wrong)
-    "rnn_int64": lambda d: ops.rnn_pointwise_forward(_t(B_, H_, dtype=torch.int64, device=d),
-                                                _t(B_, H_, dtype=torch.int64, device=d),
-                                                None, None, "tanh"),
-    "lstm_int32": lambda d: ops.lstm_pointwise_forward(
-        _t(B_, 4 * H_, dtype=torch.int32, device=d), _t(B_, 4 * H_, dtype=torch.int32, device=d),
-        None, None, _t(B_, H_, dtype=torch.int32, device=d)),
-    "gru_int64_backward": lambda d: ops.gru_pointwise_backward(
-        _t(B_, H_, dtype=torch.int64, device=d), _t(B_, 5 * H_, dtype=torch.int64, device=d)),
-    "rnn_bool_backward": lambda d: ops.rnn_pointwise_backward(
-        _t(B_, H_, dtype=torch.bool, device=d), _t(B_, H_, dtype=torch.bool, device=d), "tanh"),
-    # widths that are not a multiple of G (or are zero)
-    "lstm_width_not_multiple": lambda d: ops.lstm_pointwise_forward(
-        _t(B_, 4 * H_ + 1, device=d), _t(B_, 4 * H_ + 1, device=d), None, None,
-        _t(B_, H_, device=d)),
-    "gru_width_not_multiple": lambda d: ops.gru_pointwise_forward(
-        _t(B_, 3 * H_ + 2, device=d), _t(B_, 3 * H_ + 2, device=d), None, None,
-        _t(B_, H_, device=d)),
-    "lstm_width_zero": lambda d: ops.lstm_pointwise_forward(
-        _t(B_, 0, device=d), _t(B_, 0, device=d), None, None, _t(B_, 0, device=d)),
-    "rnn_width_zero": lambda d: ops.rnn_pointwise_forward(_t(B_, 0, device=d), _t(B_, 0, device=d),
-                                                     None, None, "tanh"),
-    # unknown nonlinearity
-    "rnn_forward_sigmoid": lambda d: ops.rnn_pointwise_forward(_t(B_, H_, device=d),
-                                                          _t(B_, H_, device=d), None, None,
-                                                          "sigmoid"),
-    "rnn_backward_sigmoid": lambda d: ops.rnn_pointwise_backward(_t(B_, H_, device=d),
-                                                            _t(B_, H_, device=d), "sigmoid"),
-    "rnn_forward_empty_nonlinearity": lambda d: ops.rnn_pointwise_forward(
-        _t(B_, H_, device=d), _t(B_, H_, device=d), None, None, ""),
-    # inference ops (input [B, 2], w_ih [G*H, 2])
-    "rnn_inference_w_ih_cols": lambda d: ops.rnn_cell_inference(
-        _t(B_, 2, device=d), _t(B_, H_, device=d), _t(H_, 3, device=d), _t(H_, H_, device=d),
-        None, None, "tanh"),
-    "rnn_inference_no_w_ih": lambda d: ops.rnn_cell_inference(
-        _t(B_, H_, device=d), _t(B_, H_, device=d), None, _t(H_, H_, device=d), None, None,
-        "tanh"),
-    "rnn_inference_hx_rows": lambda d: ops.rnn_cell_inference(
-        _t(B_, 2, device=d), _t(B_ + 1, H_, device=d), _t(H_, 2, device=d),
-        _t(H_, H_, device=d), None, None, "tanh"),
-    "rnn_inference_sigmoid": lambda d: ops.rnn_cell_inference(
-        _t(B_, 2, device=d), _t(B_, H_, device=d), _t(H_, 2, device=d), _t(H_, H_, device=d),
-        None, None, "sigmoid"),
-    "lstm_inference_w_hh_rows": lambda d: ops.lstm_cell_inference(
-        _t(B_, 2, device=d), _t(B_, H_, device=d), _t(B_, H_, device=d),
-        _t(4 * H_, 2, device=d), _t(3 * H_, H_, device=d), None, None),
-    "lstm_inference_cx_cols": lambda d: ops.lstm_cell_inference(
-        _t(B_, 2, device=d), _t(B_, H_, device=d), _t(B_, H_ + 1, device=d),
-        _t(4 * H_, 2, device=d), _t(4 * H_, H_, device=d), None, None),
-    "lstm_inference_b_hh_len": lambda d: ops.lstm_cell_inference(
-        _t(B_, 2, device=d), _t(B_, H_, device=d), _t(B_, H_, device=d),
-        _t(4 * H_, 2, device=d), _t(4 * H_, H_, device=d), None, _t(H_, device=d)),
-    "gru_inference_input_1d": lambda d: ops.gru_cell_inference(
-        _t(2, device=d), _t(B_, H_, device=d), _t(3 * H_, 2, device=d),
-        _t(3 * H_, H_, device=d), None, None),
-    "gru_inference_w_ih_dtype": lambda d: ops.gru_cell_inference(
-        _t(B_, 2, device=d), _t(B_, H_, device=d), _t(3 * H_, 2, dtype=torch.float32, device=d),
-        _t(3 * H_, H_, device=d), None, None),
-    "gru_inference_int": lambda d: ops.gru_cell_inference(
-        _t(B_, 2, dtype=torch.int64, device=d), _t(B_, H_, dtype=torch.int64, device=d),
-        _t(3 * H_, 2, dtype=torch.int64, device=d), _t(3 * H_, H_, dtype=torch.int64, device=d),
-        None, None),
-}
-
-
-@pytest.mark.parametrize("case", list(ERROR_CASES))
-def test_wrong_arguments_raise(device, case):
-    with pytest.raises(RuntimeError, match="rnn_ext"):
-        ERROR_CASES[case](device)
-
-
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_NAMES)
 def test_wrong_arguments_raise_under_autograd(device, kind):
     """The autograd wrapper forwards the op's checks (bias of the wrong length)."""
     args = list(make_inputs(kind, 3, 4, torch.float64, device, requires_grad=True))
-    args[2] = torch.zeros(GATES[kind] * 4 + 1, dtype=torch.float64, device=device,
+    args[2] = torch.zeros(KINDS[kind].gates * 4 + 1, dtype=torch.float64, device=device,
                           requires_grad=True)
     with pytest.raises(RuntimeError, match="b_ih"):
         forward_op(kind)(*args)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device type (CUDA)")
-def test_device_mismatch_raises():
-    xg = torch.randn(3, 16, device="cuda")
-    with pytest.raises(RuntimeError):
-        ops.lstm_pointwise_forward(xg, xg.clone(), None, None, torch.randn(3, 4))
-
-
 # ----------------------------------------------------------------------- non-contiguous inputs
 
-def noncontiguous(t):
-    """The same values in a strided (every other element) layout."""
-    out = torch.empty(t.shape + (2,), dtype=t.dtype, device=t.device)[..., 0]
-    out.copy_(t)
-    assert not out.is_contiguous()
-    return out
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_NAMES)
 def test_noncontiguous_inputs(device, kind, dtype):
     args = make_inputs(kind, 3, 5, dtype, device, seed=71)
     strided = tuple(noncontiguous(a) if isinstance(a, torch.Tensor) else a for a in args)
@@ -726,13 +540,13 @@ def test_noncontiguous_inputs(device, kind, dtype):
         torch.testing.assert_close(g, w, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KIND_NAMES)
 def test_expanded_bias_and_state(device, kind):
     """Stride-0 (expanded) tensors are read correctly."""
     B, H = 4, 6
     args = list(make_inputs(kind, B, H, torch.float64, device, seed=81))
     args[1] = args[1][:1].expand(B, -1)  # every row's hg the same, stride 0
-    if not kind.startswith("rnn"):
+    if not KINDS[kind].is_rnn:
         args[4] = args[4][:1].expand(B, -1)
     dense = [a.contiguous() if isinstance(a, torch.Tensor) else a for a in args]
     for g, w in zip(run_op(kind, args), run_reference(kind, dense)):

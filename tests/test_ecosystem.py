@@ -1,9 +1,9 @@
 """rnn_ext in the PyTorch ecosystem: torch.compile, torch.autocast, DistributedDataParallel and
 serialization of the drop-in modules.
 
-Ground truth is the same rnn_ext model run eagerly (compile, DDP, serialization), float32 (autocast)
-and torch.nn with the same weights. Every test compares values. Sizes are tiny; the one inductor
-compile dominates the file's time (a C++ compile per graph when its cache is cold).
+Ground truth is the same rnn_ext model run eagerly (compile, DDP, serialization), float32
+(autocast) and torch.nn with the same weights. Every test compares values. Sizes are tiny; the
+one inductor compile dominates the file's time (a C++ compile per graph when its cache is cold).
 """
 
 from __future__ import annotations
@@ -22,26 +22,18 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import rnn_ext
-from conftest import OpRecorder
+from helpers import CUDA_ONLY, OpRecorder, flatten, make_pair
 
 pytestmark = [
-    pytest.mark.skipif(not rnn_ext.extension_available(),
-                       reason="the compiled extension is not built"),
+    pytest.mark.usefixtures("extension", "one_thread"),
     # torch.nn's own notice when it runs an LSTM with projections on the CPU
     pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN"),
 ]
 
 I, H, B, T = 3, 4, 3, 5
-CUDA = torch.cuda.is_available() and rnn_ext.extension_built_with_cuda()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These sizes are far below what intra-op threads pay off for (see test_layers.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# the modules by class name: (kind, cell)
+CLASSES = {"LSTM": ("lstm", False), "GRU": ("gru", False), "RNN": ("rnn_tanh", False),
+           "LSTMCell": ("lstm", True), "GRUCell": ("gru", True), "RNNCell": ("rnn_tanh", True)}
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -53,21 +45,12 @@ def rnn_ext_ops(fn, *args) -> set[str]:
     return {name for name in recorder.names if name.startswith("rnn_ext.")}
 
 
-def flat(out) -> list[Tensor]:
-    """The tensors of a module's output: (output, hidden), (h, c), PackedSequence, ..."""
-    if isinstance(out, PackedSequence):
-        return [out.data]
-    if isinstance(out, Tensor):
-        return [out]
-    return [t for item in out for t in flat(item)]
-
-
 def forward_backward(fn, model: nn.Module, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
     """fn(x)'s output tensors, and the gradients of a fixed function of them w.r.t. x and every
     parameter of `model` (its .grad is cleared before and after)."""
     model.zero_grad(set_to_none=True)
     x = x.detach().requires_grad_()
-    outputs = flat(fn(x))
+    outputs = flatten(fn(x))
     sum(o.float().sin().sum() for o in outputs).backward()
     grads = [x.grad] + [p.grad for p in model.parameters()]
     model.zero_grad(set_to_none=True)
@@ -82,11 +65,8 @@ def assert_all_close(actual: list[Tensor], expected: list[Tensor], tol: float, w
 
 def pair(name: str, dtype=torch.float32, **kwargs) -> tuple[nn.Module, nn.Module]:
     """(torch.nn module, rnn_ext module) of class `name` with identical weights."""
-    torch.manual_seed(0)
-    ref = getattr(nn, name)(I, H, **kwargs).to(dtype)
-    ext = getattr(rnn_ext, name)(I, H, **kwargs).to(dtype)
-    ext.load_state_dict(ref.state_dict(), strict=True)
-    return ref, ext
+    kind, cell = CLASSES[name]
+    return make_pair(kind, I, H, cell=cell, dtype=dtype, **kwargs)
 
 
 def sample_input(name: str, dtype=torch.float32, device="cpu") -> Tensor:
@@ -188,7 +168,7 @@ def test_compile_dynamic_true_and_no_grad(dynamo):
     assert len(backend.graphs) == 1
     with torch.no_grad():
         x = torch.randn(6, B, I)
-        assert_all_close(flat(compiled(x)), flat(model(x)), 1e-6, "no_grad")
+        assert_all_close(flatten(compiled(x)), flatten(model(x)), 1e-6, "no_grad")
     assert len(backend.graphs) == 2
     assert backend.ops(0) == backend.ops(1) == {"rnn_ext.lstm_layer"}
     assert lowered == [{"rnn_ext.lstm_recurrence.default"},
@@ -273,10 +253,10 @@ def test_compile_follows_the_backend_switch(dynamo):
     compiled(x)
     rnn_ext.set_backend("reference")
     try:
-        assert_all_close(flat(compiled(x)), flat(model(x)), 1e-6, "reference backend")
+        assert_all_close(flatten(compiled(x)), flatten(model(x)), 1e-6, "reference backend")
     finally:
         rnn_ext.set_backend("extension")
-    assert_all_close(flat(compiled(x)), flat(model(x)), 1e-6, "extension backend")
+    assert_all_close(flatten(compiled(x)), flatten(model(x)), 1e-6, "extension backend")
     assert len(backend.graphs) == 2
     assert backend.ops(0) == {"rnn_ext.gru_layer"} and backend.ops(1) == set()
 
@@ -288,11 +268,12 @@ def test_compile_under_autocast(dynamo):
     compiled = torch.compile(model, fullgraph=True, backend=RecordingBackend())
     x = torch.randn(T, B, I)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got, want = flat(compiled(x)), flat(model(x))
+        got, want = flatten(compiled(x)), flatten(model(x))
     assert all(t.dtype == torch.bfloat16 for t in got)
     assert_all_close(got, want, 1e-2, "compiled vs eager under autocast")
 
 
+@pytest.mark.slow
 def test_compile_inductor_forward_backward(dynamo):
     """inductor (C++ codegen on the CPU) around the rnn_ext ops, every layer kind and a cell,
     dynamic=True: forward and backward equal to eager for two lengths."""
@@ -346,7 +327,7 @@ def test_torch_nn_lstm_breaks_the_graph_where_rnn_ext_compiles():
 
 # ----------------------------------------------------------------------------- torch.autocast
 
-MODULES = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"]
+MODULES = list(CLASSES)
 
 
 def _autocast_check(name: str, device: str, dtype: torch.dtype, backend: str) -> None:
@@ -363,7 +344,7 @@ def _autocast_check(name: str, device: str, dtype: torch.dtype, backend: str) ->
             got_out, got_grads = forward_backward(ext, ext, x)
             ops = rnn_ext_ops(ext, x)
             try:
-                nn_out = [o.detach().float() for o in flat(ref(x))]
+                nn_out = [o.detach().float() for o in flatten(ref(x))]
             except RuntimeError as error:
                 nn_out = None
                 assert "oneDNN" in str(error) or "primitive" in str(error), error
@@ -393,10 +374,10 @@ def test_cpu_autocast_float16_takes_the_reference_path(name):
     _autocast_check(name, "cpu", torch.float16, "extension")
 
 
-@pytest.mark.skipif(not CUDA, reason="needs a GPU and the extension built with CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
 @pytest.mark.parametrize("name", MODULES)
-def test_cuda_autocast(name, dtype):
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=CUDA_ONLY)], indirect=True)
+def test_cuda_autocast(device, name, dtype):
     _autocast_check(name, "cuda", dtype, "extension")
 
 
@@ -474,6 +455,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_single_process_training(tmp_path):
     """DDP on 2 CPU processes (gloo), half the batch each, equals one process on the whole batch
     (DDP averages the gradients; the loss is a mean over equal halves). float64."""
@@ -525,16 +507,16 @@ def test_whole_module_round_trips(case):
     name, kwargs = SERIALIZED[case]
     _, original = pair(name, **kwargs)
     x = sample_input(name)
-    want = flat(original(x))
+    want = flatten(original(x))
     for how, copied in _round_trips(original).items():
         assert type(copied) is type(original), how
         assert copied.state_dict().keys() == original.state_dict().keys(), how
-        got = flat(copied(x))
+        got = flatten(copied(x))
         assert all(torch.equal(g, w) for g, w in zip(got, want)), how
         assert rnn_ext_ops(copied, x), f"{how}: the copy does not run rnn_ext's ops"
         with torch.no_grad():
             next(copied.parameters()).add_(1.0)
-        assert all(torch.equal(g, w) for g, w in zip(flat(original(x)), want)), \
+        assert all(torch.equal(g, w) for g, w in zip(flatten(original(x)), want)), \
             f"{how}: the copy shares parameters with the original"
 
 
@@ -554,43 +536,51 @@ def test_state_dict_round_trip_both_ways(case):
     fresh_ref = getattr(nn, name)(I, H, **kwargs).double()
     fresh_ext.load_state_dict(state, strict=True)
     fresh_ref.load_state_dict(state, strict=True)
-    assert_all_close(flat(fresh_ext(x)), flat(ext(x)), 0, "rnn_ext -> rnn_ext")
-    assert_all_close(flat(fresh_ref(x)), flat(ext(x)), 1e-10, "rnn_ext -> torch.nn")
+    assert_all_close(flatten(fresh_ext(x)), flatten(ext(x)), 0, "rnn_ext -> rnn_ext")
+    assert_all_close(flatten(fresh_ref(x)), flatten(ext(x)), 1e-10, "rnn_ext -> torch.nn")
     fresh_ext.load_state_dict(ref.state_dict(), strict=True)
-    assert_all_close(flat(fresh_ext(x)), flat(ref(x)), 1e-10, "torch.nn -> rnn_ext")
+    assert_all_close(flatten(fresh_ext(x)), flatten(ref(x)), 1e-10, "torch.nn -> rnn_ext")
 
 
-@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])
+@pytest.mark.parametrize("name", MODULES)
 def test_dtype_and_device_conversions(name):
     """.double() / .to(float64) match torch.nn's at float64; .to("cpu") changes nothing; .half()
     (CPU float16: the reference path) runs in float16 near float32 and torch.nn's .half();
-    .float() after .double() restores float32; with a GPU, .to("cuda") and back."""
+    .float() after .double() restores float32."""
     ref, ext = pair(name)
     x = sample_input(name)
-    want32 = flat(ext(x))
-    assert ext.to("cpu") is ext and all(torch.equal(g, w) for g, w in zip(flat(ext(x)), want32))
+    want32 = flatten(ext(x))
+    assert ext.to("cpu") is ext and all(torch.equal(g, w) for g, w in zip(flatten(ext(x)), want32))
 
     for convert in (lambda m: m.double(), lambda m: m.to(torch.float64)):
         ref64, ext64 = convert(copy.deepcopy(ref)), convert(copy.deepcopy(ext))
         assert all(p.dtype == torch.float64 for p in ext64.parameters())
-        assert_all_close(flat(ext64(x.double())), flat(ref64(x.double())), 1e-10, "float64")
+        assert_all_close(flatten(ext64(x.double())), flatten(ref64(x.double())), 1e-10, "float64")
         assert rnn_ext_ops(ext64, x.double())
 
     ext16, ref16 = copy.deepcopy(ext).half(), copy.deepcopy(ref).half()
     assert all(p.dtype == torch.float16 for p in ext16.parameters())
-    got16 = flat(ext16(x.half()))
+    got16 = flatten(ext16(x.half()))
     assert all(t.dtype == torch.float16 for t in got16)
     assert_all_close([t.float() for t in got16], want32, 2e-2, "float16 vs float32")
-    assert_all_close(got16, flat(ref16(x.half())), 2e-2, "float16 vs torch.nn's float16")
+    assert_all_close(got16, flatten(ref16(x.half())), 2e-2, "float16 vs torch.nn's float16")
 
     back = copy.deepcopy(ext).double().float()
-    assert all(torch.equal(g, w) for g, w in zip(flat(back(x)), want32))
+    assert all(torch.equal(g, w) for g, w in zip(flatten(back(x)), want32))
 
-    if CUDA:  # .to("cuda") and back
-        on_gpu = copy.deepcopy(ext).to("cuda")
-        assert_all_close([t.cpu() for t in flat(on_gpu(x.cuda()))], want32, 1e-5, "cuda")
-        assert rnn_ext_ops(on_gpu, x.cuda())
-        assert all(torch.equal(g, w) for g, w in zip(flat(on_gpu.to("cpu")(x)), want32))
+
+@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("device", [pytest.param("cuda", marks=CUDA_ONLY)], indirect=True)
+def test_to_cuda_and_back(device, name):
+    """.to("cuda") runs the CUDA kernels with the CPU module's results (TF32 off), and .to("cpu")
+    brings back the CPU module exactly."""
+    _, ext = pair(name)
+    x = sample_input(name)
+    want32 = flatten(ext(x))
+    on_gpu = copy.deepcopy(ext).to(device)
+    assert_all_close([t.cpu() for t in flatten(on_gpu(x.to(device)))], want32, 1e-5, device)
+    assert rnn_ext_ops(on_gpu, x.to(device))
+    assert all(torch.equal(g, w) for g, w in zip(flatten(on_gpu.to("cpu")(x)), want32))
 
 
 def test_default_device_leaves_batch_sizes_on_the_cpu():
@@ -599,7 +589,7 @@ def test_default_device_leaves_batch_sizes_on_the_cpu():
     same values."""
     model = rnn_ext.LSTM(I, H)
     x = torch.randn(T, B, I)
-    want = flat(model(x))
+    want = flatten(model(x))
     with torch.device("meta"):
-        got = flat(model(x))
+        got = flatten(model(x))
     assert_all_close(got, want, 0, "under torch.device('meta')")

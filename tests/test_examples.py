@@ -22,6 +22,8 @@ HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 # OpenMP threads waiting for each other slow a run down many times over.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
+pytestmark = pytest.mark.slow  # each example is a process of its own, 10-20 s
+
 
 def run_example(name: str, *args: str) -> str:
     """Runs examples/NAME.py --smoke ARGS and returns its stdout; fails on a non-zero exit."""
@@ -51,7 +53,7 @@ def test_import_has_no_side_effects(name, capsys, monkeypatch):
     assert args.backend == "rnn_ext" and args.smoke
 
 
-def test_char_lm_trains_checkpoints_and_resumes(tmp_path):
+def test_char_lm_trains_checkpoints_and_resumes(extension, tmp_path):
     checkpoint = tmp_path / "char_lm.pt"
     out = run_example("char_lm", "--checkpoint", str(checkpoint))
     losses = values(r"\| loss ([0-9.]+) \|", out)
@@ -90,6 +92,8 @@ def test_forecast_writes_plot(tmp_path):
     out = run_example("forecast", "--plot", str(plot))
     mse = values(r"model\s+MSE ([0-9.]+)", out)
     assert len(mse) == 1 and math.isfinite(mse[0]), out
+    train = values(r"train MSE ([0-9.]+)", out)
+    assert len(train) >= 2 and train[-1] < train[0], out  # the model learns
     if HAS_MATPLOTLIB:
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     else:
@@ -99,5 +103,7 @@ def test_forecast_writes_plot(tmp_path):
 def test_seq2seq_reports_accuracy():
     out = run_example("seq2seq", "--translate", "three hundred forty two")
     assert re.search(r"held-out exact-match accuracy: [0-9.]+% \(\d+ of 100 numbers\)", out), out
-    assert all(math.isfinite(v) for v in values(r"\| loss ([0-9.]+) \|", out))
+    losses = values(r"\| loss ([0-9.]+) \|", out)
+    assert len(losses) >= 2 and all(math.isfinite(v) for v in losses), out
+    assert losses[-1] < losses[0], out  # the model learns
     assert "'three hundred forty two' ->" in out
