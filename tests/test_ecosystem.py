@@ -102,6 +102,22 @@ class RecordingBackend:
                 if n.op == "call_function" and str(n.target).startswith("rnn_ext.")}
 
 
+def lowering_backend() -> tuple[RecordingBackend, list[set[str]]]:
+    """A RecordingBackend through AOTAutograd, and the list it fills with the rnn_ext ops of
+    each graph AOTAutograd compiles (forward graphs and backward graphs, in order)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    lowered: list[set[str]] = []
+
+    def record(gm, example_inputs):
+        lowered.append({str(n.target) for n in gm.graph.nodes
+                        if n.op == "call_function" and str(n.target).startswith("rnn_ext.")})
+        return make_boxed_func(gm.forward)
+
+    return RecordingBackend(aot_autograd(fw_compiler=record, bw_compiler=record)), lowered
+
+
 @pytest.fixture
 def dynamo():
     """A clean Dynamo cache (no configuration: the layers compile with Dynamo's defaults)."""
@@ -147,19 +163,9 @@ def test_compile_dynamic_true_and_no_grad(dynamo):
     """dynamic=True: one graph serves every length; under no_grad (no workspace saved) a second
     graph, with the same values. Dynamo's graphs hold the layer op; AOTAutograd lowers it to
     the recurrence op and its backward op with grad, to the inference op without."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    lowered: list[set[str]] = []  # the rnn_ext ops of each graph AOTAutograd compiles
-
-    def record(gm, example_inputs):
-        lowered.append({str(n.target) for n in gm.graph.nodes
-                        if n.op == "call_function" and str(n.target).startswith("rnn_ext.")})
-        return make_boxed_func(gm.forward)
-
     torch.manual_seed(0)
     model = rnn_ext.LSTM(I, H, num_layers=2)
-    backend = RecordingBackend(aot_autograd(fw_compiler=record, bw_compiler=record))
+    backend, lowered = lowering_backend()
     compiled = torch.compile(model, fullgraph=True, backend=backend, dynamic=True)
     for steps in (4, 11):
         x = torch.randn(steps, B, I)
@@ -212,19 +218,9 @@ def test_compile_cells_in_a_python_loop():
                 outputs.append(self.rnn(h))
             return torch.stack(outputs)
 
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    lowered: list[set[str]] = []  # the rnn_ext ops of each graph AOTAutograd compiles
-
-    def record(gm, example_inputs):
-        lowered.append({str(n.target) for n in gm.graph.nodes
-                        if n.op == "call_function" and str(n.target).startswith("rnn_ext.")})
-        return make_boxed_func(gm.forward)
-
     torch.manual_seed(0)
     model = Stack()
-    backend = RecordingBackend(aot_autograd(fw_compiler=record, bw_compiler=record))
+    backend, lowered = lowering_backend()
     x = torch.randn(T, B, I)
     got = forward_backward(torch.compile(model, fullgraph=True, backend=backend), model, x)
     want = forward_backward(model, model, x)
